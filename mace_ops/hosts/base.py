@@ -1,0 +1,147 @@
+"""The host protocol: the few things the MACE core needs from a Stable Diffusion host.
+
+Naming. A cross-attention block is named by its SD1.x (LDM) state-dict path without the
+``diffusion_model.`` prefix, e.g. ``input_blocks.1.1.transformer_blocks.0.attn2``; its two edited
+matrices are ``<block>.to_k`` and ``<block>.to_v`` with weights of shape ``(d_out, d_ctx)``
+(``d_ctx`` = 768 for SD1.x). Every host uses these names, whatever its own module paths are, so
+erasure files and LoRA banks are portable between hosts.
+
+Instrumented forward. ``Host.instrument(linears=..., attention=...)`` is a context manager that,
+while open, routes the cross-attention of the UNet through our code and is fully undone on exit
+(also on error or interrupt); the host's model is never mutated:
+
+* ``linears[name](context) -> projected`` replaces ``to_k`` / ``to_v`` of that block
+  (``context``: (B, 77, d_ctx) -> (B, 77, d_out)); used for LoRA and for trial weights.
+* ``attention(block, q, k, v, heads) -> out`` replaces the scaled-dot-product attention of the
+  block: ``q`` (B, N, heads·d), ``k``/``v`` (B, 77, heads·d) already projected; it returns
+  (B, N, heads·d) *before* ``to_out``. ``mace_ops.attention`` implements an explicit softmax
+  version that hands the probabilities to a sink.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from torch import Tensor
+
+LinearFn = Callable[[Tensor], Tensor]
+AttentionFn = Callable[[str, Tensor, Tensor, Tensor, int], Tensor]
+UNetFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class CrossAttentionBlock:
+    """One cross-attention block of the UNet, by its LDM name."""
+
+    name: str  # "input_blocks.1.1.transformer_blocks.0.attn2"
+    heads: int
+    dim_head: int
+    d_out: int  # heads * dim_head: rows of to_k / to_v
+    d_ctx: int  # columns of to_k / to_v (768 for SD1.x)
+
+
+@runtime_checkable
+class Host(Protocol):
+    """What the MACE core needs from a host. See the module docstring for names and shapes."""
+
+    #: 77 for SD1.x
+    max_length: int
+
+    def token_ids(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each prompt, padded/truncated exactly as the host feeds its text encoder."""
+        ...
+
+    def encode(self, prompts: Sequence[str]) -> Tensor:
+        """Per-token text-encoder hidden states, (B, max_length, d_ctx), float32, no grad."""
+        ...
+
+    def text_encoder_fingerprint(self) -> str:
+        """A stable hash of the text-encoder weights (keys the preservation cache)."""
+        ...
+
+    def model_fingerprint(self) -> str:
+        """A stable hash of the original to_k/to_v weights (keys banks and erasure files)."""
+        ...
+
+    def cross_attention_blocks(self) -> list[CrossAttentionBlock]:
+        """The UNet's cross-attention blocks in forward order."""
+        ...
+
+    def cross_attention_weights(self) -> dict[str, Tensor]:
+        """``{"<block>.to_k": W, "<block>.to_v": W}``: detached copies of the current weights."""
+        ...
+
+    def with_weights(self, weights: dict[str, Tensor]) -> Host:
+        """A new host whose to_k/to_v are ``weights`` (others unchanged); this host is untouched."""
+        ...
+
+    def instrument(
+        self,
+        *,
+        linears: dict[str, LinearFn] | None = None,
+        attention: AttentionFn | None = None,
+    ) -> AbstractContextManager[UNetFn]:
+        """Open an instrumented UNet: yields ``unet(x_t (B,4,h,w), t (B,), context (B,77,d_ctx)) -> eps``.
+
+        Gradients flow when the caller enables them; the host's own parameters stay frozen.
+        """
+        ...
+
+    def alphas_cumprod(self) -> Tensor:
+        """The training noise schedule, (num_train_timesteps,) float64 (1000 for SD1.x)."""
+        ...
+
+    def vae_encode(self, images: Tensor) -> Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, H/8, W/8)."""
+        ...
+
+    def vae_decode(self, latents: Tensor) -> Tensor:
+        """Scaled latents -> images (B, 3, H, W) in [-1, 1]."""
+        ...
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        seed: int,
+        steps: int = 30,
+        cfg: float = 7.5,
+        height: int = 512,
+        width: int = 512,
+        attention_probe: Callable[[str, Tensor], None] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Tensor:
+        """Sample images (B, 3, H, W) in [-1, 1], seeded (prompt i uses seed ``seed + i``).
+
+        ``attention_probe(block, probs)`` receives, at every sampler step, the softmax attention
+        probabilities of the *conditional* branch only, (B, heads, N, 77).
+        ``progress(step, total)`` is called after each sampler step.
+        """
+        ...
+
+
+def sd1_block_names() -> list[str]:
+    """The 16 cross-attention block names of SD1.x in forward order."""
+    ins = [f"input_blocks.{i}.1.transformer_blocks.0.attn2" for i in (1, 2, 4, 5, 7, 8)]
+    mid = ["middle_block.1.transformer_blocks.0.attn2"]
+    outs = [f"output_blocks.{i}.1.transformer_blocks.0.attn2" for i in range(3, 12)]
+    return ins + mid + outs
+
+
+def matrix_names(blocks: Sequence[str]) -> list[str]:
+    """``[b.to_k, b.to_v for b in blocks]`` in a fixed order."""
+    return [f"{b}.{m}" for b in blocks for m in ("to_k", "to_v")]
+
+
+__all__ = [
+    "AttentionFn",
+    "CrossAttentionBlock",
+    "Host",
+    "LinearFn",
+    "UNetFn",
+    "matrix_names",
+    "sd1_block_names",
+]
