@@ -1,0 +1,283 @@
+"""The SD1.x CLIP tokenizer without any hub, token ids, and token alignment of prompt pairs.
+
+SD1.x tokenizes with OpenAI CLIP ViT-L/14's byte-level BPE: ``<|startoftext|>`` = 49406, then the
+tokens, then ``<|endoftext|>`` = 49407, padded to 77 with 49407. The BPE file
+``bpe_simple_vocab_16e6.txt.gz`` ships inside several PyPI wheels (``open-clip-torch``, ``clip``);
+``vocab.json``/``merges.txt`` are derived from it here exactly as CLIP builds its encoder:
+
+    merges = lines 1 .. 48894 of the file (line 0 is a version header)
+    vocab  = 256 byte characters, the same + "</w>", each merge joined, <|startoftext|>, <|endoftext|>
+
+Everything downstream takes a pluggable ``token_ids(prompts) -> list[list[int]]`` (``TokenIds``) so
+that inside ComfyUI the host's own tokenizer is used; ``sd1_token_ids`` is the default.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .errors import MaceError
+
+TokenIds = Callable[[Sequence[str]], list[list[int]]]
+
+START_ID = 49406
+END_ID = 49407
+MAX_LENGTH = 77
+BPE_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
+N_MERGES = 49152 - 256 - 2  # 48894 merges: CLIP's vocabulary is 49408 entries
+_ENV_BPE = "MACE_CLIP_BPE"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP/GPT-2 byte -> printable unicode character table (256 entries, bijective), in CLIP's order:
+    the printable bytes first (mapped to themselves), then the others (mapped to chr(256 + k))."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def clip_vocab_and_merges(bpe_path: str | os.PathLike) -> tuple[dict[str, int], list[str]]:
+    """Derive CLIP's ``vocab`` (token -> id, 49408 entries) and ``merges`` ("a b" lines) from the BPE file."""
+    with gzip.open(bpe_path, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    merges = lines[1 : N_MERGES + 1]
+    if len(merges) != N_MERGES or any(len(m.split(" ")) != 2 for m in merges):
+        raise MaceError(
+            f"CLIP BPE file {bpe_path} is not a valid {BPE_FILENAME}; reinstall it (see load_sd1_tokenizer)"
+        )
+    byte_chars = list(_bytes_to_unicode().values())
+    tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split(" ")) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if len(vocab) != len(tokens) or vocab["<|endoftext|>"] != END_ID:
+        raise MaceError(
+            f"CLIP BPE file {bpe_path} gives an unexpected vocabulary; use the original {BPE_FILENAME}"
+        )
+    return vocab, merges
+
+
+def _package_dir(name: str) -> Path | None:
+    """Folder of an installed package, found WITHOUT importing it (open_clip needs torchvision)."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def find_bpe_file(bpe_path: str | os.PathLike | None = None) -> Path | None:
+    """The BPE file: the argument, env ``MACE_CLIP_BPE``, then the ``open_clip`` / ``clip`` package folders."""
+    if bpe_path is not None:
+        p = Path(bpe_path)
+        if not p.is_file():
+            raise MaceError(f"CLIP BPE file {p} does not exist; give the path of {BPE_FILENAME}")
+        return p
+    env = os.environ.get(_ENV_BPE)
+    if env:
+        p = Path(env)
+        if not p.is_file():
+            raise MaceError(f"{_ENV_BPE}={env} does not exist; point it at {BPE_FILENAME} or unset it")
+        return p
+    for pkg in ("open_clip", "clip"):
+        d = _package_dir(pkg)
+        if d is not None and (d / BPE_FILENAME).is_file():
+            return d / BPE_FILENAME
+    return None
+
+
+def _comfy_tokenizer_dir() -> Path | None:
+    root = os.environ.get("COMFYUI_PATH")
+    if not root:
+        return None
+    d = Path(root) / "comfy" / "sd1_tokenizer"
+    return d if (d / "vocab.json").is_file() and (d / "merges.txt").is_file() else None
+
+
+def _cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    root = Path(base) / "mace" / "clip_tokenizer"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        return root
+    except OSError:
+        root = Path(tempfile.gettempdir()) / "mace_clip_tokenizer"
+        root.mkdir(parents=True, exist_ok=True)
+        return root
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _tokenizer_dir_from_bpe(bpe: Path) -> Path:
+    """A folder with vocab.json/merges.txt derived from ``bpe``, cached by the file's sha256."""
+    digest = hashlib.sha256(bpe.read_bytes()).hexdigest()[:16]
+    d = _cache_root() / digest
+    if (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
+        return d
+    vocab, merges = clip_vocab_and_merges(bpe)
+    d.mkdir(parents=True, exist_ok=True)
+    _write_atomic(d / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
+    _write_atomic(d / "vocab.json", json.dumps(vocab, ensure_ascii=False))
+    return d
+
+
+@lru_cache(maxsize=4)
+def _load_from_dir(d: str) -> Any:
+    import transformers
+
+    # transformers 4.x: the fast (Rust) tokenizer needs no ftfy; 5.x: CLIPTokenizer is the fast one
+    cls = getattr(transformers, "CLIPTokenizerFast", None) or transformers.CLIPTokenizer
+    tok = cls.from_pretrained(
+        d,
+        local_files_only=True,
+        model_max_length=MAX_LENGTH,
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
+    if tok.pad_token_id != END_ID or tok.bos_token_id != START_ID:
+        raise MaceError(f"tokenizer files in {d} are not SD1.x CLIP's; delete that folder and retry")
+    return tok
+
+
+def load_sd1_tokenizer(bpe_path: str | os.PathLike | None = None) -> Any:
+    """SD1.x's CLIP tokenizer (openai/clip-vit-large-patch14) built offline, pad = end = 49407, max 77.
+
+    Looks for ``bpe_simple_vocab_16e6.txt.gz`` in: ``bpe_path``; env ``MACE_CLIP_BPE``; the installed
+    ``open_clip`` or ``clip`` package folder (not imported); else uses ``$COMFYUI_PATH/comfy/sd1_tokenizer``.
+    """
+    bpe = find_bpe_file(bpe_path)
+    if bpe is not None:
+        return _load_from_dir(str(_tokenizer_dir_from_bpe(bpe)))
+    comfy = _comfy_tokenizer_dir()
+    if comfy is not None:
+        return _load_from_dir(str(comfy))
+    raise MaceError(
+        f"no SD1.x CLIP tokenizer found: {BPE_FILENAME} is missing. Install it with "
+        f"`pip install --no-deps open-clip-torch` (only its BPE file is used; it is never imported), "
+        f"or set {_ENV_BPE} to the path of {BPE_FILENAME}, or set COMFYUI_PATH to a ComfyUI checkout"
+    )
+
+
+def sd1_token_ids(prompts: Sequence[str], tokenizer: Any = None) -> list[list[int]]:
+    """Token ids of each prompt, start + tokens + end, truncated/padded with 49407 to 77 (a ``TokenIds``)."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    tok = tokenizer if tokenizer is not None else load_sd1_tokenizer()
+    out = tok(list(prompts), padding="max_length", max_length=MAX_LENGTH, truncation=True)
+    return [list(map(int, ids)) for ids in out["input_ids"]]
+
+
+def unpadded_length(ids: Sequence[int], end_id: int = END_ID) -> int:
+    """Length up to and including the first end token (the whole sequence when there is none)."""
+    ids = list(ids)
+    return ids.index(end_id) + 1 if end_id in ids else len(ids)
+
+
+def phrase_token_count(phrase: str, token_ids: TokenIds | None = None, end_id: int = END_ID) -> int:
+    """Number of tokens of ``phrase`` without start/end tokens, as far as ``token_ids`` shows them: a
+    tokenizer that truncates to 77 reports at most 75 (use ``prompt_fits`` for the limit check)."""
+    ids = (token_ids or sd1_token_ids)([phrase])[0]
+    return max(unpadded_length(ids, end_id) - 2, 0)
+
+
+def prompt_fits(prompt: str, token_ids: TokenIds | None = None, end_id: int = END_ID) -> bool:
+    """True when ``prompt`` surely fits in 77 positions untruncated: its end token comes before the last
+    position. A tokenizer that truncates keeps an end token at position 76, so a prompt of exactly 75
+    tokens cannot be told from a truncated one and counts as too long (one token of caution)."""
+    ids = (token_ids or sd1_token_ids)([prompt])[0]
+    return end_id in ids and unpadded_length(ids, end_id) < MAX_LENGTH
+
+
+def align_prompt_pair(
+    ids_concept: Sequence[int], ids_anchor: Sequence[int], end_id: int = END_ID
+) -> tuple[Tensor, Tensor]:
+    """Positions ``(pos_f, pos_g)`` pairing a concept prompt with its anchor twin, outside the differing span.
+
+    With ``L = `` unpadded length (through the first end token) of each side:
+    - the common prefix (incl. the start token) pairs index for index, ``i <-> i``;
+    - the common suffix of the unpadded parts (shared words after the span, then the end token) and the
+      padding after it pair in order from the end token: ``L_f - k <-> L_g - k`` before it and
+      ``L_f + k <-> L_g + k`` after it;
+    - when the spans differ in length, the longer unpadded side has fewer padding positions; the other
+      side's surplus trailing positions are dropped so both lists have the same length.
+    Identical prompts pair all positions. Returns two int64 tensors of equal length, ascending.
+    """
+    f, g = list(ids_concept), list(ids_anchor)
+    lf, lg = unpadded_length(f, end_id), unpadded_length(g, end_id)
+    # common suffix of the unpadded parts (ends with the end token), at most as long as the shorter side
+    suffix = 0
+    while suffix < min(lf, lg) and f[lf - 1 - suffix] == g[lg - 1 - suffix]:
+        suffix += 1
+    # common prefix, never overlapping the suffix on either side
+    prefix = 0
+    limit = min(lf, lg) - suffix
+    while prefix < limit and f[prefix] == g[prefix]:
+        prefix += 1
+    pos_f = list(range(prefix))
+    pos_g = list(range(prefix))
+    # suffix + padding: from the suffix start to the end of the shorter tail
+    tail = min(len(f) - (lf - suffix), len(g) - (lg - suffix))
+    pos_f += range(lf - suffix, lf - suffix + tail)
+    pos_g += range(lg - suffix, lg - suffix + tail)
+    return torch.tensor(pos_f, dtype=torch.long), torch.tensor(pos_g, dtype=torch.long)
+
+
+def strip_special(ids: Sequence[int], start_id: int = START_ID, end_id: int = END_ID) -> list[int]:
+    """The tokens between the start token and the first end token."""
+    ids = list(ids)[: unpadded_length(ids, end_id)]
+    if ids and ids[0] == start_id:
+        ids = ids[1:]
+    if ids and ids[-1] == end_id:
+        ids = ids[:-1]
+    return ids
+
+
+def phrase_positions(
+    prompt_ids: Sequence[int], phrase_ids: Sequence[int], start_id: int = START_ID, end_id: int = END_ID
+) -> list[int]:
+    """Every index of ``prompt_ids`` covered by an occurrence of the phrase's tokens (start/end removed
+    from ``phrase_ids`` when present); all occurrences, sorted, each index once."""
+    phrase = strip_special(phrase_ids, start_id, end_id)
+    if not phrase:
+        return []
+    ids = list(prompt_ids)
+    n = len(phrase)
+    hits: set[int] = set()
+    for i in range(len(ids) - n + 1):
+        if ids[i : i + n] == phrase:
+            hits.update(range(i, i + n))
+    return sorted(hits)

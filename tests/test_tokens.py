@@ -1,0 +1,191 @@
+"""SD1.x tokenizer built offline, token alignment of prompt pairs, phrase positions."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mace_ops import tokens
+from mace_ops.errors import MaceError
+from mace_ops.tokens import (
+    END_ID,
+    START_ID,
+    align_prompt_pair,
+    find_bpe_file,
+    load_sd1_tokenizer,
+    phrase_positions,
+    phrase_token_count,
+    prompt_fits,
+    sd1_token_ids,
+)
+
+S, E = START_ID, END_ID
+
+
+def test_exact_ids_taylor_swift():
+    ids = sd1_token_ids(["a photo of Taylor Swift"])[0]
+    assert ids[:7] == [49406, 320, 1125, 539, 3961, 8229, 49407]
+    assert len(ids) == 77 and ids[7:] == [49407] * 70
+
+
+def test_exact_ids_cat_and_tokenizer_call():
+    tok = load_sd1_tokenizer()
+    assert tok("a photo of a cat")["input_ids"] == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert tok.pad_token_id == 49407 and tok.bos_token_id == 49406 and tok.eos_token_id == 49407
+    assert len(tok) == 49408
+    assert tok.convert_ids_to_tokens([320, 1125]) == ["a</w>", "photo</w>"]
+
+
+def test_lowercase_and_whitespace_normalised():
+    a, b = sd1_token_ids(["A  PHOTO of\ttaylor swift", "a photo of Taylor Swift"])
+    assert a == b
+
+
+def test_truncation_keeps_end_token():
+    ids = sd1_token_ids(["cat " * 100])[0]
+    assert len(ids) == 77 and ids[0] == S and ids[-1] == E and ids[1:-1] == [2368] * 75
+    assert not prompt_fits("cat " * 100)
+    # 74 tokens leave one pad; 75 tokens cannot be told from a truncated prompt and count as too long
+    assert prompt_fits("cat " * 74) and not prompt_fits("cat " * 75)
+
+
+def test_phrase_token_count():
+    assert phrase_token_count("Taylor Swift") == 2
+    assert phrase_token_count("a photo of Taylor Swift") == 5
+    assert phrase_token_count("") == 0
+    assert phrase_token_count("cat " * 100) == 75  # truncated view
+
+
+def test_tokenizer_is_cached():
+    assert load_sd1_tokenizer() is load_sd1_tokenizer()
+
+
+def test_bpe_lookup_order(monkeypatch, tmp_path):
+    real = find_bpe_file()
+    assert real is not None and real.name == tokens.BPE_FILENAME
+    copy = tmp_path / "x.txt.gz"
+    shutil.copy(real, copy)
+    monkeypatch.setenv("MACE_CLIP_BPE", str(copy))
+    assert find_bpe_file() == copy
+    assert find_bpe_file(real) == real  # the argument wins over the env
+    monkeypatch.setenv("MACE_CLIP_BPE", str(tmp_path / "missing.gz"))
+    with pytest.raises(MaceError, match="MACE_CLIP_BPE"):
+        find_bpe_file()
+    with pytest.raises(MaceError, match="does not exist"):
+        find_bpe_file(tmp_path / "missing.gz")
+
+
+def test_comfy_folder_fallback_and_missing_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    derived = tokens._tokenizer_dir_from_bpe(find_bpe_file())  # vocab.json + merges.txt written by us
+    comfy = tmp_path / "ComfyUI" / "comfy" / "sd1_tokenizer"
+    comfy.mkdir(parents=True)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(derived / name, comfy / name)
+    monkeypatch.delenv("MACE_CLIP_BPE", raising=False)
+    monkeypatch.setattr(tokens, "_package_dir", lambda name: None)
+    monkeypatch.setenv("COMFYUI_PATH", str(tmp_path / "ComfyUI"))
+    tok = load_sd1_tokenizer()
+    assert tok("a photo of Taylor Swift")["input_ids"] == [49406, 320, 1125, 539, 3961, 8229, 49407]
+    monkeypatch.delenv("COMFYUI_PATH")
+    with pytest.raises(MaceError, match="pip install --no-deps open-clip-torch"):
+        load_sd1_tokenizer()
+
+
+def _pad(ids: list[int], n: int = 12) -> list[int]:
+    return ids + [E] * (n - len(ids))
+
+
+def test_align_identical_prompts_pairs_all_77():
+    ids = sd1_token_ids(["a photo of Taylor Swift"])[0]
+    pf, pg = align_prompt_pair(ids, ids)
+    assert pf.tolist() == list(range(77)) and pg.tolist() == list(range(77))
+    assert pf.dtype == torch.long
+
+
+def test_align_different_span_lengths_by_hand():
+    # concept: S a photo of X1 X2 X3 E ...   anchor: S a photo of Y E ...  (12 positions)
+    f = _pad([S, 1, 2, 3, 91, 92, 93, E])  # end at 7, pads 8..11
+    g = _pad([S, 1, 2, 3, 50, E])  # end at 5, pads 6..11
+    pf, pg = align_prompt_pair(f, g)
+    # prefix 0..3 <-> 0..3; end 7 <-> 5; pads 8..11 <-> 6..9; anchor pads 10, 11 dropped
+    assert pf.tolist() == [0, 1, 2, 3, 7, 8, 9, 10, 11]
+    assert pg.tolist() == [0, 1, 2, 3, 5, 6, 7, 8, 9]
+    # swapped roles: the concept side now has the surplus pads
+    pf2, pg2 = align_prompt_pair(g, f)
+    assert pf2.tolist() == pg.tolist() and pg2.tolist() == pf.tolist()
+
+
+def test_align_common_words_after_span():
+    # "a photo of X1 X2 on stage" vs "a photo of Y on stage"
+    f = _pad([S, 1, 2, 3, 91, 92, 60, 61, E])  # end at 8
+    g = _pad([S, 1, 2, 3, 50, 60, 61, E])  # end at 7
+    pf, pg = align_prompt_pair(f, g)
+    assert pf.tolist() == [0, 1, 2, 3, 6, 7, 8, 9, 10, 11]
+    assert pg.tolist() == [0, 1, 2, 3, 5, 6, 7, 8, 9, 10]
+    # the paired tokens are equal on both sides
+    assert [f[i] for i in pf] == [g[i] for i in pg]
+
+
+def test_align_phrase_at_start_and_real_tokenizer():
+    a, b = sd1_token_ids(["Taylor Swift on stage", "a woman on stage"])
+    pf, pg = align_prompt_pair(a, b)
+    # S | taylor swift | on stage E pad...  vs  S | a woman | on stage E pad...
+    assert pf.tolist() == [0] + list(range(3, 77)) and pg.tolist() == [0] + list(range(3, 77))
+    c, d = sd1_token_ids(["a photo of Taylor Swift", "a photo of a person"])
+    pf, pg = align_prompt_pair(c, d)
+    assert len(pf) == len(pg) == 77 - 2
+    assert [c[i] for i in pf] == [d[i] for i in pg]
+
+
+def test_align_prefix_and_suffix_never_overlap():
+    # anchor is the concept with one token inserted: the shared token may not be used twice
+    f = _pad([S, 7, 7, E], 6)
+    g = _pad([S, 7, 7, 7, E], 6)
+    pf, pg = align_prompt_pair(f, g)
+    assert len(set(pf.tolist())) == len(pf) and len(set(pg.tolist())) == len(pg)
+    assert pf.tolist() == [0, 1, 2, 3, 4] and pg.tolist() == [0, 2, 3, 4, 5]
+    assert [f[i] for i in pf] == [g[i] for i in pg]
+
+
+def test_phrase_positions_all_occurrences():
+    tok_ids = sd1_token_ids(["a photo of Taylor Swift with Taylor Swift", "Taylor Swift"])
+    prompt, phrase = tok_ids
+    assert phrase_positions(prompt, phrase) == [4, 5, 7, 8]
+    assert phrase_positions(prompt, [3961, 8229]) == [4, 5, 7, 8]  # without start/end tokens too
+    assert phrase_positions(prompt, sd1_token_ids(["cat"])[0]) == []
+    # overlapping occurrences: each index once
+    assert phrase_positions([S, 5, 5, 5, E], [5, 5]) == [1, 2, 3]
+    assert phrase_positions([S, 5, E], [S, E]) == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.integers(1, 3), max_size=10),
+    st.lists(st.integers(1, 3), max_size=10),
+)
+def test_align_properties(body_f, body_g):
+    n = 14
+    f, g = _pad([S, *body_f, E], n), _pad([S, *body_g, E], n)
+    pf, pg = (t.tolist() for t in align_prompt_pair(f, g))
+    assert len(pf) == len(pg)
+    assert pf == sorted(set(pf)) and pg == sorted(set(pg))
+    assert [f[i] for i in pf] == [g[j] for j in pg]  # paired positions carry the same token
+    assert pf[0] == 0 and pg[0] == 0  # start tokens pair
+    ef, eg = len(body_f) + 1, len(body_g) + 1
+    assert pf.index(ef) == pg.index(eg)  # end tokens pair with each other
+    # the unpaired positions of each side are one contiguous span before its end token, plus dropped
+    # trailing pads on the side with the longer tail
+    for pos, end in ((pf, ef), (pg, eg)):
+        missing = sorted(set(range(n)) - set(pos))
+        inner = [i for i in missing if i < end]
+        if inner:
+            assert inner == list(range(inner[0], inner[-1] + 1))
+        tail = [i for i in missing if i > end]
+        assert tail == list(range(n - len(tail), n))
+    if body_f == body_g:
+        assert pf == pg == list(range(n))
