@@ -1,0 +1,411 @@
+"""The diffusers host: ``UNet2DConditionModel`` + ``CLIPTextModel`` + ``AutoencoderKL`` (CLI and tests).
+
+Cross-attention blocks are the UNet's ``attn2`` modules, named by their SD1.x LDM paths
+(``mace_ops.tiny.ldm_cross_attention_names``). ``instrument`` installs our own attention processor on
+each of them and puts the original processors back on exit (also on error); no parameter is ever
+written. Trial weights (``with_weights``) live in the host object and reach the UNet only through
+that processor, as ``F.linear(context, W)``, so hosts made by ``with_weights`` share one set of modules.
+
+Processor math for one block (the SD1.x case of diffusers' ``AttnProcessor2_0``)::
+
+    q = to_q(h)                          (B, N, heads·d)
+    k = to_k(ctx), v = to_v(ctx)         (B, 77, heads·d)   or linears[<block>.to_k/.to_v](ctx)
+    o = attention(block, q, k, v, heads) (B, N, heads·d)    default: scaled-dot-product attention
+    out = to_out(o)
+
+Sampling (``generate``): DDIM (η = 0) with SD1.x's scheduler settings, classifier-free guidance with
+the empty prompt, ``eps = eps_u + cfg·(eps_c - eps_u)``; prompt ``i``'s initial noise comes from
+``torch.Generator().manual_seed(seed + i)`` on the CPU.
+``vae_encode`` returns the MEAN of the VAE posterior times the scaling factor (deterministic).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..attention import explicit_attention, sdpa_attention
+from ..errors import MaceError
+from ..tiny import SD1_SCALING_FACTOR, build_tiny_sd, ldm_cross_attention_names, sd1_alphas_cumprod
+from ..tokens import MAX_LENGTH, load_sd1_tokenizer, sd1_token_ids
+from .base import AttentionFn, CrossAttentionBlock, LinearFn, UNetFn
+
+#: SD1.x's sampler settings (scheduler_config.json of the SD1.x pipelines), for DDIMScheduler.from_config
+SD1_SCHEDULER_CONFIG: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+    "timestep_spacing": "leading",
+}
+
+
+def weights_fingerprint(weights: Mapping[str, Tensor], names: Sequence[str]) -> str:
+    """sha256 over ``name, shape, float32 little-endian bytes`` of ``weights[name]`` for ``names`` in order."""
+    h = hashlib.sha256()
+    for name in names:
+        w = weights[name].detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{name}:{tuple(w.shape)}\n".encode())
+        h.update(w.numpy().astype("<f4", copy=False).tobytes())
+    return h.hexdigest()
+
+
+def _check_sd1_attention(name: str, attn: nn.Module) -> None:
+    """Refuse diffusers attention options our processor does not implement (none is used by SD1.x)."""
+    unexpected = []
+    if getattr(attn, "spatial_norm", None) is not None:
+        unexpected.append("spatial_norm")
+    if getattr(attn, "group_norm", None) is not None:
+        unexpected.append("group_norm")
+    if getattr(attn, "norm_cross", None):
+        unexpected.append("norm_cross")
+    if getattr(attn, "norm_q", None) is not None or getattr(attn, "norm_k", None) is not None:
+        unexpected.append("norm_q/norm_k")
+    if getattr(attn, "residual_connection", False):
+        unexpected.append("residual_connection")
+    if getattr(attn, "rescale_output_factor", 1.0) != 1.0:
+        unexpected.append("rescale_output_factor")
+    if getattr(attn, "to_k", None) is None or getattr(attn.to_k, "bias", None) is not None:
+        unexpected.append("to_k bias")
+    if getattr(attn, "to_v", None) is None or getattr(attn.to_v, "bias", None) is not None:
+        unexpected.append("to_v bias")
+    if unexpected:
+        raise MaceError(
+            f"cross-attention {name} uses {', '.join(unexpected)}, which MACE's processor does not support; "
+            "use an SD1.x-style UNet"
+        )
+
+
+class _MaceProcessor:
+    """Our diffusers attention processor for one cross-attention block (see the module docstring)."""
+
+    def __init__(
+        self, block: str, to_k: LinearFn | None, to_v: LinearFn | None, attention: AttentionFn | None
+    ) -> None:
+        self.block = block
+        self.to_k = to_k
+        self.to_v = to_v
+        self.attention = attention
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: Tensor,
+        encoder_hidden_states: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        temb: Tensor | None = None,
+    ) -> Tensor:
+        if attention_mask is not None:
+            raise MaceError(f"cross-attention {self.block}: attention masks are not supported")
+        if encoder_hidden_states is None or hidden_states.ndim != 3:
+            raise MaceError(f"cross-attention {self.block}: expected (B, N, C) states and a text context")
+        ctx = encoder_hidden_states  # (B, 77, d_ctx)
+        q = attn.to_q(hidden_states)  # (B, N, heads·d)
+        k = self.to_k(ctx) if self.to_k is not None else attn.to_k(ctx)  # (B, 77, heads·d)
+        v = self.to_v(ctx) if self.to_v is not None else attn.to_v(ctx)
+        k, v = k.to(q.dtype), v.to(q.dtype)
+        if self.attention is not None:
+            out = self.attention(self.block, q, k, v, attn.heads)
+        else:
+            out = sdpa_attention(q, k, v, attn.heads)
+        out = attn.to_out[0](out.to(q.dtype))
+        return attn.to_out[1](out)
+
+
+def _weight_linear(weight: Tensor) -> LinearFn:
+    def linear(ctx: Tensor) -> Tensor:  # (B, L, d_ctx) -> (B, L, d_out)
+        return F.linear(ctx, weight.to(ctx.device, ctx.dtype))
+
+    return linear
+
+
+class DiffusersHost:
+    """A ``Host`` over diffusers/transformers modules; ``with_weights`` copies share them.
+
+    No parameter is ever written. The constructor only prepares the modules it is given: moves them
+    to ``device`` (the UNet also to ``dtype``), sets eval mode and ``requires_grad_(False)``.
+    """
+
+    max_length: int = MAX_LENGTH
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        text_encoder: nn.Module,
+        vae: nn.Module,
+        *,
+        tokenizer: Any = None,
+        alphas_cumprod: Tensor | None = None,
+        scheduler_config: Mapping[str, Any] | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        """``tokenizer`` defaults to the SD1.x CLIP tokenizer; ``scheduler_config`` to SD1.x's;
+        ``alphas_cumprod`` to the one derived from the scheduler config. Modules are moved to
+        ``device``/``dtype`` (when given), put in eval mode and frozen."""
+        self.device = torch.device(device) if device is not None else next(unet.parameters()).device
+        self.dtype = dtype
+        for m in (unet, text_encoder, vae):
+            m.to(self.device).eval().requires_grad_(False)
+        if next(unet.parameters()).dtype != dtype:
+            unet.to(dtype)
+        self.unet, self.text_encoder, self.vae = unet, text_encoder, vae
+        self.tokenizer = tokenizer if tokenizer is not None else load_sd1_tokenizer()
+        self.scheduler_config = dict(SD1_SCHEDULER_CONFIG if scheduler_config is None else scheduler_config)
+        if alphas_cumprod is None:
+            alphas_cumprod = self._schedule_alphas()
+        self._alphas = alphas_cumprod.detach().to("cpu", torch.float64).clone()
+        self._modules_by_name = self._find_blocks(unet)  # LDM name -> attn2 module, forward order
+        self._weights: dict[str, Tensor] = {}  # overrides of to_k / to_v
+        self._shared: dict[str, Any] = {}  # cached fingerprints, shared with with_weights copies
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_tiny(cls, seed: int = 0, **kwargs: Any) -> DiffusersHost:
+        """A host over ``mace_ops.tiny.build_tiny_sd(seed)`` (tests, benchmarks)."""
+        sd = build_tiny_sd(seed)
+        return cls(sd.unet, sd.text_encoder, sd.vae, alphas_cumprod=sd.alphas_cumprod, **kwargs)
+
+    @classmethod
+    def from_pretrained(
+        cls, folder: str | os.PathLike[str], *, device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> DiffusersHost:
+        """A host over a local diffusers SD1.x folder (``unet/``, ``text_encoder/``, ``vae/``, optional
+        ``tokenizer/`` and ``scheduler/``), offline, safetensors only."""
+        import json
+
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        root = os.fspath(folder)
+        for sub in ("unet", "text_encoder", "vae"):
+            if not os.path.isdir(os.path.join(root, sub)):
+                raise MaceError(f"diffusers folder {root} has no {sub}/ subfolder; give an SD1.x diffusers folder")
+        opts = {"local_files_only": True, "use_safetensors": True}
+        unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", **opts)
+        text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **opts)
+        vae = AutoencoderKL.from_pretrained(root, subfolder="vae", **opts)
+        tokenizer = None  # the folder's own tokenizer when it has one, else the SD1.x one
+        if os.path.isfile(os.path.join(root, "tokenizer", "vocab.json")):
+            import transformers
+
+            cls_ = getattr(transformers, "CLIPTokenizerFast", None) or transformers.CLIPTokenizer
+            tokenizer = cls_.from_pretrained(root, subfolder="tokenizer", local_files_only=True)
+        scheduler_config = None
+        sched = os.path.join(root, "scheduler", "scheduler_config.json")
+        if os.path.isfile(sched):
+            with open(sched, encoding="utf-8") as f:
+                raw = json.load(f)
+            scheduler_config = {**SD1_SCHEDULER_CONFIG, **{k: v for k, v in raw.items() if k in SD1_SCHEDULER_CONFIG}}
+        return cls(unet, text_encoder, vae, tokenizer=tokenizer, scheduler_config=scheduler_config,
+                   device=device, dtype=dtype)
+
+    def _schedule_alphas(self) -> Tensor:
+        c = self.scheduler_config
+        if c.get("beta_schedule", "scaled_linear") != "scaled_linear":
+            raise MaceError(f"scheduler beta_schedule {c.get('beta_schedule')!r}: only SD1.x's scaled_linear is supported")
+        return sd1_alphas_cumprod(int(c["num_train_timesteps"]), float(c["beta_start"]), float(c["beta_end"]))
+
+    @staticmethod
+    def _find_blocks(unet: nn.Module) -> dict[str, nn.Module]:
+        names = ldm_cross_attention_names(unet)
+        if not names:
+            raise MaceError("the UNet has no cross-attention blocks; give an SD1.x-style UNet2DConditionModel")
+        blocks = {}
+        for path, ldm in names.items():
+            module = unet.get_submodule(path)
+            _check_sd1_attention(ldm, module)
+            blocks[ldm] = module
+        return blocks
+
+    def with_weights(self, weights: Mapping[str, Tensor]) -> DiffusersHost:
+        """A new host sharing the modules whose to_k/to_v are ``weights`` (missing names keep this host's)."""
+        shapes = {n: tuple(w.shape) for n, w in self._original_weights().items()}
+        unknown = [n for n in weights if n not in shapes]
+        if unknown:
+            raise MaceError(f"weights for unknown matrices {unknown[:3]}: names must be '<block>.to_k' / '.to_v'")
+        for n, w in weights.items():
+            if tuple(w.shape) != shapes[n]:
+                raise MaceError(f"weights {n} of shape {tuple(w.shape)}; the model needs {shapes[n]}")
+        new = object.__new__(DiffusersHost)
+        new.__dict__.update(self.__dict__)
+        new._weights = {**self._weights, **{n: w.detach().to(self.device).clone() for n, w in weights.items()}}
+        return new
+
+    # ------------------------------------------------------------------ text
+    def token_ids(self, prompts: Sequence[str]) -> list[list[int]]:
+        return sd1_token_ids(list(prompts), self.tokenizer)
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> Tensor:
+        """Last hidden state after the final layer norm, (B, 77, d_ctx) float32."""
+        ids = torch.tensor(self.token_ids(prompts), dtype=torch.long, device=self.device)  # (B, 77)
+        out = self.text_encoder(input_ids=ids)
+        return out.last_hidden_state.float()
+
+    # ------------------------------------------------------------------ weights
+    def cross_attention_blocks(self) -> list[CrossAttentionBlock]:
+        out = []
+        for name, m in self._modules_by_name.items():
+            d_out, d_ctx = m.to_k.weight.shape
+            out.append(CrossAttentionBlock(name, int(m.heads), int(d_out) // int(m.heads), int(d_out), int(d_ctx)))
+        return out
+
+    def _original_weights(self) -> dict[str, Tensor]:
+        """The modules' own to_k/to_v weights (not copies; never written)."""
+        out = {}
+        for name, m in self._modules_by_name.items():
+            out[f"{name}.to_k"] = m.to_k.weight
+            out[f"{name}.to_v"] = m.to_v.weight
+        return out
+
+    def cross_attention_weights(self) -> dict[str, Tensor]:
+        """Detached copies of this host's to_k/to_v (the ``with_weights`` overrides where present)."""
+        return {n: self._weights.get(n, w).detach().clone() for n, w in self._original_weights().items()}
+
+    def model_fingerprint(self) -> str:
+        """``weights_fingerprint`` of the MODULES' own to_k/to_v in block order (not of ``with_weights``
+        overrides: a host and its ``with_weights`` copies share the base model's fingerprint)."""
+        if "model" not in self._shared:
+            w = self._original_weights()
+            self._shared["model"] = weights_fingerprint(w, list(w))
+        return self._shared["model"]
+
+    def text_encoder_fingerprint(self) -> str:
+        """``weights_fingerprint`` of every text-encoder tensor (state_dict order)."""
+        if "text" not in self._shared:
+            sd = self.text_encoder.state_dict()
+            self._shared["text"] = weights_fingerprint(sd, list(sd))
+        return self._shared["text"]
+
+    # ------------------------------------------------------------------ UNet
+    @contextmanager
+    def instrument(
+        self,
+        *,
+        linears: Mapping[str, LinearFn] | None = None,
+        attention: AttentionFn | None = None,
+    ) -> Iterator[UNetFn]:
+        """Our processor on every cross-attention block while open; the original processors come back on exit."""
+        linears = dict(linears or {})
+        known = set(self._original_weights())
+        unknown = [n for n in linears if n not in known]
+        if unknown:
+            raise MaceError(f"linears for unknown matrices {unknown[:3]}: names must be '<block>.to_k' / '.to_v'")
+        for n, w in self._weights.items():
+            linears.setdefault(n, _weight_linear(w))
+        saved: list[tuple[nn.Module, Any]] = []
+        try:
+            for name, m in self._modules_by_name.items():
+                proc = _MaceProcessor(name, linears.get(f"{name}.to_k"), linears.get(f"{name}.to_v"), attention)
+                saved.append((m, m.processor))
+                m.set_processor(proc)
+            yield self._unet_fn
+        finally:
+            for m, proc in reversed(saved):
+                m.set_processor(proc)
+
+    def _unet_fn(self, x_t: Tensor, t: Tensor, context: Tensor) -> Tensor:
+        """eps = UNet(x_t (B,4,h,w), t (B,) or scalar, context (B,77,d_ctx)); in the host's dtype."""
+        x = x_t.to(self.device, self.dtype)
+        c = context.to(self.device, self.dtype)
+        t = torch.as_tensor(t, device=self.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        return self.unet(x, t, encoder_hidden_states=c, return_dict=False)[0]
+
+    def alphas_cumprod(self) -> Tensor:
+        return self._alphas.clone()
+
+    # ------------------------------------------------------------------ VAE
+    @property
+    def scaling_factor(self) -> float:
+        return float(getattr(self.vae.config, "scaling_factor", SD1_SCALING_FACTOR))
+
+    @torch.no_grad()
+    def vae_encode(self, images: Tensor) -> Tensor:
+        """Images (B,3,H,W) in [-1, 1] -> posterior mean × scaling factor, (B,4,H/8,W/8) float32."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        dist = self.vae.encode(images.to(self.device, vae_dtype).contiguous()).latent_dist
+        return (dist.mean * self.scaling_factor).float()
+
+    @torch.no_grad()
+    def vae_decode(self, latents: Tensor) -> Tensor:
+        """Scaled latents -> images (B,3,H,W) clamped to [-1, 1], float32."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        img = self.vae.decode(latents.to(self.device, vae_dtype).contiguous() / self.scaling_factor).sample
+        return img.float().clamp(-1.0, 1.0)
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        seed: int,
+        steps: int = 30,
+        cfg: float = 7.5,
+        height: int = 512,
+        width: int = 512,
+        attention_probe: Callable[[str, Tensor], None] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Tensor:
+        """DDIM + classifier-free guidance (see the module docstring); images (B,3,H,W) in [-1, 1]."""
+        from diffusers import DDIMScheduler
+
+        prompts = list(prompts)
+        if not prompts:
+            raise MaceError("generate: give at least one prompt")
+        if height % 8 or width % 8 or height <= 0 or width <= 0:
+            raise MaceError(f"image size {height}x{width}: height and width must be positive multiples of 8")
+        if steps < 1:
+            raise MaceError(f"steps={steps}: give at least one sampler step")
+        b = len(prompts)
+        guided = cfg != 1.0
+        cond = self.encode(prompts)  # (B, 77, d)
+        context = torch.cat([self.encode([""]).expand(b, -1, -1), cond]) if guided else cond  # (2B or B, 77, d)
+        noise = [
+            torch.randn((1, 4, height // 8, width // 8), generator=torch.Generator().manual_seed(seed + i))
+            for i in range(b)
+        ]
+        x = torch.cat(noise).to(self.device, torch.float32)  # (B, 4, h, w)
+        scheduler = DDIMScheduler.from_config(self.scheduler_config)
+        scheduler.set_timesteps(steps, device=self.device)
+        x = x * scheduler.init_noise_sigma
+
+        attention: AttentionFn | None = None
+        if attention_probe is not None:
+
+            def attention(block: str, q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
+                def sink(probs: Tensor) -> None:  # (2B or B, heads, N, 77)
+                    attention_probe(block, probs[b:] if guided else probs)
+
+                return explicit_attention(q, k, v, heads, sink=sink)
+
+        total = len(scheduler.timesteps)
+        with self.instrument(attention=attention) as unet:
+            for i, t in enumerate(scheduler.timesteps):
+                x_in = torch.cat([x, x]) if guided else x
+                eps = unet(x_in, t.expand(x_in.shape[0]), context).float()
+                if guided:
+                    eps_u, eps_c = eps.chunk(2)
+                    eps = eps_u + cfg * (eps_c - eps_u)
+                x = scheduler.step(eps, t, x, eta=0.0).prev_sample
+                if progress is not None:
+                    progress(i + 1, total)
+        return self.vae_decode(x)
+
+
+__all__ = ["SD1_SCHEDULER_CONFIG", "DiffusersHost", "weights_fingerprint"]
