@@ -1,0 +1,158 @@
+"""LoRA training throughput: N concepts trained in one batch versus one after another.
+
+Prints a markdown table: optimiser steps per second (concept-steps: every concept's step counted) and
+peak resident memory, for N concepts at equal optimiser steps per concept, on
+
+* the tiny SD1.x-shaped model (``mace_ops.tiny``, 16×16 latents), and
+* a full-size SD1.5-shaped UNet (diffusers ``UNet2DConditionModel`` with SD1.5's config written
+  below, random init, 32×32 latents) with the tiny text encoder and VAE (not timed).
+
+Each (model, N, mode) runs in its own subprocess so that its peak RSS (``ru_maxrss``) is its own;
+"above base" is the peak minus the RSS after building the model and one warm-up step. Not a test.
+
+    .venv/bin/python benchmarks/bench_train.py                      # tiny N=1,4,16; full N=1,4
+    .venv/bin/python benchmarks/bench_train.py --full-ns 1,4,16 --full-steps 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+PHRASES = [
+    "cat", "dog", "owl", "horse", "tiger", "eagle", "shark", "zebra",
+    "rabbit", "lion", "panda", "koala", "camel", "otter", "bison", "moose",
+]  # fmt: skip
+
+#: SD1.5's unet/config.json, written out (diffusers defaults fill the rest)
+SD15_UNET_CONFIG = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    "block_out_channels": (320, 640, 1280, 1280),
+    "layers_per_block": 2,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "act_fn": "silu",
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "center_input_sample": False,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+}
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _host(model: str):
+    from mace_ops.hosts.diffusers import DiffusersHost
+    from mace_ops.tiny import build_tiny_sd
+
+    if model == "tiny":
+        return DiffusersHost.from_tiny(0)
+    from diffusers import UNet2DConditionModel
+
+    sd = build_tiny_sd(0)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
+    return DiffusersHost(unet, sd.text_encoder, sd.vae, alphas_cumprod=sd.alphas_cumprod)
+
+
+def _data(n_concepts: int, hw: int):
+    from mace_ops.concepts import Concept
+    from mace_ops.data import ConceptData
+
+    g = torch.Generator().manual_seed(0)
+    return [
+        ConceptData(
+            concept=Concept(p, "an animal", "object"),
+            images=None,
+            latents=torch.randn(4, 4, hw, hw, generator=g),
+            masks=(torch.rand(4, hw, hw, generator=g) > 0.3).float(),
+        )
+        for p in PHRASES[:n_concepts]
+    ]
+
+
+def worker(model: str, n: int, mode: str, steps: int, hw: int) -> dict:
+    from mace_ops.train import TrainConfig, train_concept_loras
+
+    torch.set_num_threads(2)
+    host = _host(model)
+    data = _data(n, hw)
+    warm = _data(1, hw)
+    train_concept_loras(host, warm, TrainConfig(steps=1))  # tokenizer, allocator, first-call costs
+    base_mb = _rss_mb()
+    cfg = TrainConfig(steps=steps, concepts_per_batch=None if mode == "batched" else 1)
+    t0, c0 = time.perf_counter(), time.process_time()
+    _, losses = train_concept_loras(host, data, cfg)
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+    assert all(len(v) == steps for v in losses.values())
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "concept_steps": n * steps, "peak_mb": peak_mb, "base_mb": base_mb}
+
+
+def _run(model: str, n: int, mode: str, steps: int, hw: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", model, str(n), mode, str(steps), str(hw)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny-ns", default="1,4,16")
+    ap.add_argument("--tiny-steps", type=int, default=4)
+    ap.add_argument("--full-ns", default="1,4", help="'' to skip the full-size UNet")
+    ap.add_argument("--full-steps", type=int, default=2)
+    ap.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        model, n, mode, steps, hw = args.worker
+        print(json.dumps(worker(model, int(n), mode, int(steps), int(hw))))
+        return
+
+    plan = [("tiny", 16, int(n), args.tiny_steps) for n in args.tiny_ns.split(",") if n]
+    plan += [("full", 32, int(n), args.full_steps) for n in args.full_ns.split(",") if n]
+    print(f"torch {torch.__version__}, 2 threads, load average at start {os.getloadavg()[0]:.1f}")
+    print()
+    print(
+        "| model | latent | N | steps/concept | mode | concept-steps/s (wall) | speed-up (wall) "
+        "| concept-steps per CPU-s | speed-up (CPU) | peak RSS MB | above base MB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for model, hw, n, steps in plan:
+        rows = {mode: _run(model, n, mode, steps, hw) for mode in ("sequential", "batched")}
+        seq_rate = rows["sequential"]["concept_steps"] / rows["sequential"]["seconds"]
+        seq_cpu = rows["sequential"]["concept_steps"] / rows["sequential"]["cpu_seconds"]
+        for mode, r in rows.items():
+            rate = r["concept_steps"] / r["seconds"]
+            cpu = r["concept_steps"] / r["cpu_seconds"]
+            print(
+                f"| {model} | {hw}×{hw} | {n} | {steps} | {mode} | {rate:.2f} | {rate / seq_rate:.2f}× | "
+                f"{cpu:.2f} | {cpu / seq_cpu:.2f}× | "
+                f"{r['peak_mb']:.0f} | {r['peak_mb'] - r['base_mb']:.0f} |",
+                flush=True,
+            )
+    print(f"\nload average at end {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,294 @@
+"""A bank of rank-r LoRAs, one per concept, on the cross-attention ``to_k`` / ``to_v`` matrices.
+
+For a matrix ``W`` (d_out, d_ctx) and concept ``c`` the adapted projection is
+
+    y = W x + up_c (down_c x),     up_c (d_out, r),  down_c (r, d_ctx),  scale 1,
+
+stored batched over concepts: ``down`` (C, r, d_ctx) and ``up`` (C, d_out, r) per matrix, so one
+forward can carry many concepts, each sample using its own concept's factors.
+
+Init (DESIGN 2.3): ``down ~ N(0, 1/r²)`` -- variance 1/r², i.e. standard deviation 1/r, which is what
+the reference (``std=1/r``) and peft's ``init_lora_weights="gaussian"`` both do -- and ``up = 0``,
+so the bank starts as the identity edit. Each concept's init is drawn from its own generator seeded
+by ``(seed, phrase, matrix)``, so it does not depend on which other concepts share the bank.
+
+Why not peft: peft's per-sample "mixed adapter batch" (``adapter_names=``) refuses to run in training
+mode, loops over adapters (C sub-batches per layer), and works by wrapping the host's ``nn.Linear``
+modules in place. We need gradients, one batched matmul for all concepts, and a host model that is
+never mutated (the host calls our ``linears`` through ``Host.instrument``), so the bank is its own
+small module: two ``bmm`` per matrix, no dense ΔW.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from .errors import MaceError
+from .hosts.base import LinearFn
+
+BANK_FORMAT = "mace-lora-bank/1"
+
+
+def seed_from(*parts: object) -> int:
+    """A stable 63-bit seed from any printable parts (sha256 of their json)."""
+    digest = hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class LoRABank(nn.Module):
+    """Rank-r LoRA factors for ``C`` concepts on each named matrix, stored batched."""
+
+    def __init__(
+        self,
+        shapes: Mapping[str, tuple[int, int]],
+        concepts: Sequence[str],
+        rank: int = 1,
+        *,
+        seed: int = 0,
+        scale: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if rank < 1:
+            raise MaceError(f"LoRA rank {rank}: give a rank of at least 1")
+        if len(set(concepts)) != len(concepts):
+            raise MaceError(f"LoRA bank concepts {list(concepts)!r}: each phrase must appear once")
+        self.names: list[str] = list(shapes)
+        self.shapes: dict[str, tuple[int, int]] = {n: (int(s[0]), int(s[1])) for n, s in shapes.items()}
+        self.concepts: list[str] = list(concepts)
+        self.rank = int(rank)
+        self.seed = int(seed)
+        self.scale = float(scale)
+        # ParameterList, not ParameterDict: our names contain dots.
+        self.downs = nn.ParameterList()  # per matrix (C, r, d_ctx)
+        self.ups = nn.ParameterList()  # per matrix (C, d_out, r)
+        for name in self.names:
+            d_out, d_ctx = self.shapes[name]
+            down = torch.empty(len(self.concepts), self.rank, d_ctx)
+            for c, phrase in enumerate(self.concepts):
+                g = torch.Generator().manual_seed(seed_from(self.seed, phrase, name))
+                down[c] = torch.randn(self.rank, d_ctx, generator=g) / self.rank
+            self.downs.append(nn.Parameter(down))
+            self.ups.append(nn.Parameter(torch.zeros(len(self.concepts), d_out, self.rank)))
+
+    @property
+    def num_concepts(self) -> int:
+        return len(self.concepts)
+
+    def index(self, phrase: str) -> int:
+        """Row of ``phrase`` in the bank."""
+        try:
+            return self.concepts.index(phrase)
+        except ValueError:
+            raise MaceError(f"concept {phrase!r} is not in this LoRA bank ({self.concepts!r})") from None
+
+    def down(self, name: str) -> nn.Parameter:
+        return self.downs[self.names.index(name)]
+
+    def up(self, name: str) -> nn.Parameter:
+        return self.ups[self.names.index(name)]
+
+    def banked_linears(
+        self, base_weights: Mapping[str, Tensor], sample_concepts: Tensor
+    ) -> dict[str, LinearFn]:
+        """``{name: ctx (B,L,d_ctx) -> W ctx + scale·up_c(down_c ctx)}`` with ``c = sample_concepts[b]``.
+
+        ``sample_concepts`` (B,) long: the bank row used by each sample of the batch.
+        """
+        idx = torch.as_tensor(sample_concepts, dtype=torch.long)
+        if idx.ndim != 1:
+            raise MaceError(f"sample_concepts of shape {tuple(idx.shape)}: give a 1-d index per sample")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.num_concepts):
+            raise MaceError(
+                f"sample_concepts {idx.tolist()}: indices must lie in [0, {self.num_concepts})"
+            )
+        missing = [n for n in self.names if n not in base_weights]
+        if missing:
+            raise MaceError(f"base weights lack the matrices {missing[:3]}...: pass all {len(self.names)}")
+        fns: dict[str, LinearFn] = {}
+        for i, name in enumerate(self.names):
+            fns[name] = self._linear(base_weights[name], self.downs[i], self.ups[i], idx, name)
+        return fns
+
+    def _linear(self, weight: Tensor, down: Tensor, up: Tensor, idx: Tensor, name: str) -> LinearFn:
+        scale = self.scale
+
+        def linear(ctx: Tensor) -> Tensor:  # ctx (B, L, d_ctx) -> (B, L, d_out)
+            if ctx.shape[0] != idx.shape[0]:
+                raise MaceError(
+                    f"{name}: batch of {ctx.shape[0]} contexts but {idx.shape[0]} sample concepts"
+                )
+            d = down.index_select(0, idx.to(down.device)).to(ctx.dtype)  # (B, r, d_ctx)
+            u = up.index_select(0, idx.to(up.device)).to(ctx.dtype)  # (B, d_out, r)
+            low = torch.bmm(ctx, d.transpose(1, 2))  # (B, L, r)
+            delta = torch.bmm(low, u.transpose(1, 2))  # (B, L, d_out)
+            return F.linear(ctx, weight.to(ctx.device, ctx.dtype)) + scale * delta
+
+        return linear
+
+    def factors(self, concept_index: int) -> dict[str, tuple[Tensor, Tensor]]:
+        """``{name: (up (d_out,r), down (r,d_ctx))}`` of one concept, detached copies (scale folded in)."""
+        c = int(concept_index)
+        if not 0 <= c < self.num_concepts:
+            raise MaceError(f"concept index {c}: the bank holds {self.num_concepts} concepts")
+        return {
+            name: ((self.ups[i][c] * self.scale).detach().clone(), self.downs[i][c].detach().clone())
+            for i, name in enumerate(self.names)
+        }
+
+    @torch.no_grad()
+    def set_factors(self, concept_index: int, factors: Mapping[str, tuple[Tensor, Tensor]]) -> None:
+        """Write one concept's ``(up, down)`` per matrix (inverse of :meth:`factors`)."""
+        c = int(concept_index)
+        for i, name in enumerate(self.names):
+            up, down = factors[name]
+            self.ups[i][c].copy_(up / self.scale)
+            self.downs[i][c].copy_(down)
+
+    def concept_parameters(self, concept_index: int) -> list[Tensor]:
+        """Views of one concept's rows in every parameter (for per-concept grad norms)."""
+        return [p[concept_index] for p in list(self.downs) + list(self.ups)]
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def save_bank(
+    bank: LoRABank,
+    path: str | os.PathLike[str],
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``bank`` as safetensors, atomically (temp file + ``os.replace``).
+
+    Tensors: ``<name>.down`` (C,r,d_ctx), ``<name>.up`` (C,d_out,r). Metadata (each value a json
+    string): ``format``, ``concepts``, ``rank``, ``scale``, ``seed``, ``shapes``, ``names`` from the
+    bank, plus the caller's ``metadata`` (e.g. ``anchors``, ``kinds``, ``hyper_parameters``,
+    ``fingerprint``). Refuses to replace an existing file unless ``overwrite``.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise MaceError(f"LoRA bank file {str(path)!r} exists: choose another name or pass overwrite=True")
+    meta: dict[str, str] = {k: _json(v) for k, v in (metadata or {}).items()}
+    meta.update(
+        format=_json(BANK_FORMAT),
+        concepts=_json(bank.concepts),
+        rank=_json(bank.rank),
+        scale=_json(bank.scale),
+        seed=_json(bank.seed),
+        names=_json(bank.names),
+        shapes=_json({n: list(s) for n, s in bank.shapes.items()}),
+    )
+    tensors: dict[str, Tensor] = {}
+    for i, name in enumerate(bank.names):
+        tensors[f"{name}.down"] = bank.downs[i].detach().cpu().contiguous()
+        tensors[f"{name}.up"] = bank.ups[i].detach().cpu().contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        if path.exists() and not overwrite:  # lost a race with another writer
+            raise MaceError(f"LoRA bank file {str(path)!r} exists: choose another name or pass overwrite=True")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def check_safetensors_header(path: str | os.PathLike[str]) -> None:
+    """Refuse anything that is not a safetensors file (pickle, zip, truncated) without unpickling it.
+
+    safetensors layout: 8-byte little-endian header length ``n``, then ``n`` bytes of json starting
+    with ``{``.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise MaceError(f"LoRA bank file {str(p)!r} does not exist: check the path")
+    size = p.stat().st_size
+    with p.open("rb") as f:
+        head = f.read(9)
+    if len(head) < 9:
+        raise MaceError(f"{str(p)!r} is not a safetensors file (too short): give a .safetensors LoRA bank")
+    (n,) = struct.unpack("<Q", head[:8])
+    if head[8:9] != b"{" or n < 2 or 8 + n > size:
+        raise MaceError(
+            f"{str(p)!r} is not a safetensors file (pickle/zip or corrupt header); MACE never unpickles: "
+            "give a .safetensors LoRA bank"
+        )
+
+
+def load_bank(
+    path: str | os.PathLike[str],
+    *,
+    expected_fingerprint: str | None = None,
+    expected_shapes: Mapping[str, tuple[int, int]] | None = None,
+    expected_rank: int | None = None,
+) -> tuple[LoRABank, dict[str, Any]]:
+    """Read a bank written by :func:`save_bank`; returns ``(bank, metadata)`` (json values decoded).
+
+    Refuses (``MaceError`` naming both values) a bank whose ``fingerprint``, matrix shapes or rank
+    differ from the expected ones, and any file that is not safetensors.
+    """
+    check_safetensors_header(path)
+    with safe_open(str(path), framework="pt") as f:
+        raw = f.metadata() or {}
+        try:
+            meta = {k: json.loads(v) for k, v in raw.items()}
+        except json.JSONDecodeError as e:
+            raise MaceError(f"{str(path)!r}: metadata is not json ({e}); was it written by save_bank?") from e
+        if meta.get("format") != BANK_FORMAT:
+            raise MaceError(
+                f"{str(path)!r}: format {meta.get('format')!r}, expected {BANK_FORMAT!r}: not a MACE LoRA bank"
+            )
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    names: list[str] = meta["names"]
+    shapes = {n: (int(meta["shapes"][n][0]), int(meta["shapes"][n][1])) for n in names}  # in names order
+    rank = int(meta["rank"])
+    if expected_fingerprint is not None and meta.get("fingerprint") != expected_fingerprint:
+        raise MaceError(
+            f"LoRA bank {str(path)!r} was trained on base model {meta.get('fingerprint')!r} but this model is "
+            f"{expected_fingerprint!r}: use the bank with the model it was trained on, or retrain"
+        )
+    if expected_rank is not None and rank != int(expected_rank):
+        raise MaceError(f"LoRA bank {str(path)!r} has rank {rank} but rank {expected_rank} is expected")
+    if expected_shapes is not None:
+        want = {n: (int(s[0]), int(s[1])) for n, s in expected_shapes.items()}
+        if want != shapes:
+            diff = sorted(set(want) ^ set(shapes)) or [n for n in want if want[n] != shapes[n]]
+            n0 = diff[0]
+            raise MaceError(
+                f"LoRA bank {str(path)!r} does not fit this model: matrix {n0!r} is {shapes.get(n0)} in the "
+                f"bank but {want.get(n0)} in the model ({len(diff)} matrices differ); use a bank trained on "
+                "this model"
+            )
+    bank = LoRABank(shapes, meta["concepts"], rank, seed=int(meta.get("seed", 0)), scale=float(meta.get("scale", 1.0)))
+    with torch.no_grad():
+        for i, name in enumerate(names):
+            down, up = tensors[f"{name}.down"], tensors[f"{name}.up"]
+            if tuple(down.shape) != tuple(bank.downs[i].shape) or tuple(up.shape) != tuple(bank.ups[i].shape):
+                raise MaceError(
+                    f"LoRA bank {str(path)!r}: {name} factors {tuple(up.shape)}·{tuple(down.shape)} contradict "
+                    f"its metadata (rank {rank}, shape {shapes[name]}): the file is corrupt"
+                )
+            bank.downs[i].copy_(down)
+            bank.ups[i].copy_(up)
+    return bank, meta
+
+
+__all__ = ["LoRABank", "check_safetensors_header", "load_bank", "save_bank", "seed_from"]
