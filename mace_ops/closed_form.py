@@ -71,6 +71,15 @@ def _check_ridge(ridge: float) -> float:
     return ridge
 
 
+def effective_ridge(system: Tensor, ridge: float, relative_ridge: float) -> float:
+    """``λ + ε · tr(K) / d`` for the data part ``K`` (d, d) of a system: a ridge relative to the mean
+    eigenvalue of ``K``. A tiny ε (1e-6) selects, among the equally good solutions of a rank-deficient
+    system, the one that changes the weights least, instead of one driven by rounding noise in the
+    directions no token reaches; it is what ``λ → 0⁺`` means."""
+    eps = _check_ridge(relative_ridge)
+    return _check_ridge(ridge) + eps * float(system.diagonal().sum()) / system.shape[0]
+
+
 def _check_preserve(preserve: Sequence[Preservation], dim: int) -> list[Preservation]:
     """Validate the groups; return those with a positive weight."""
     active = []
@@ -172,6 +181,7 @@ def cfr_right_factor(
     gram: SecondMoment,
     preserve: Sequence[Preservation] = (),
     ridge: float = 0.0,
+    relative_ridge: float = 0.0,
 ) -> Tensor:
     """The shared right factor ``M`` (d, d) float64 of CFR: every matrix becomes ``W = W0 · M``.
 
@@ -181,7 +191,8 @@ def cfr_right_factor(
         M = (C + A)(G + A)⁻¹ = I + (C − G)(G + A)⁻¹,   A = Σ_k w_k P_k + λ I
 
     with ``cross.sum = C = Σ e_g e_fᵀ`` (``cross.add(e_g, e_f)``), ``gram.sum = G = Σ e_f e_fᵀ`` and
-    ``P_k`` the mean second moment of preservation group ``k``.
+    ``P_k`` the mean second moment of preservation group ``k``. ``relative_ridge`` ε adds
+    ``ε · tr(G + Σ w_k P_k) / d`` to ``λ`` (see ``effective_ridge``).
     """
     if not isinstance(cross, SecondMoment) or not isinstance(gram, SecondMoment):
         raise MaceError("CFR: cross and gram must be SecondMoment statistics")
@@ -199,6 +210,7 @@ def cfr_right_factor(
     g = gram.sum.to(_F64)  # (d, d)
     c = cross.sum.to(device=device, dtype=_F64)  # (d, d)
     system = g + _preservation_gram(active, dim, device)  # (d, d): G + Σ w_k P_k
+    ridge = effective_ridge(system, ridge, relative_ridge)
     system.diagonal().add_(ridge)  # + λ I
     what = (
         f"the CFR system G + Σ w·P + λI ({dim}×{dim}; {gram.count} aligned token pairs, "
@@ -222,6 +234,7 @@ def refine_cross_attention(
     gram: SecondMoment,
     preserve: Sequence[Preservation] = (),
     ridge: float = 0.0,
+    relative_ridge: float = 0.0,
 ) -> dict[str, Tensor]:
     """CFR of every named matrix: ``{name: W0 @ M}`` with ``M = cfr_right_factor(...)`` (d, d).
 
@@ -229,7 +242,7 @@ def refine_cross_attention(
     device (the product is formed in float64). The inputs are never modified.
     """
     _check_weights(weights, gram.dim if isinstance(gram, SecondMoment) else None, "CFR: weight")
-    factor = cfr_right_factor(cross, gram, preserve, ridge)  # (d, d) float64
+    factor = cfr_right_factor(cross, gram, preserve, ridge, relative_ridge)  # (d, d) float64
     out = {}
     for name, w0 in weights.items():
         w = w0.detach().to(device=factor.device, dtype=_F64)  # (d_out, d)
@@ -266,6 +279,7 @@ class FusionProblem:
         preserve: Sequence[Preservation] = (),
         ridge: float = 0.0,
         *,
+        relative_ridge: float = 0.0,
         device: torch.device | str = "cpu",
         buffer_concepts: int = 64,
     ) -> None:
@@ -291,6 +305,7 @@ class FusionProblem:
         self._names = list(W1)
         self._dim = dim
         self._ridge = _check_ridge(ridge)
+        self._relative_ridge = _check_ridge(relative_ridge)
         self._preserve = _check_preserve(preserve, dim)
         self._device = torch.device(device)
         self._rows: dict[str, slice] = {}
@@ -384,7 +399,8 @@ class FusionProblem:
         dim = self._dim
         pres = _preservation_gram(self._preserve, dim, self._device)  # (d, d): Σ w_k P_k
         system = self._gram_sum + pres  # (d, d)
-        system.diagonal().add_(self._ridge)
+        ridge = effective_ridge(system, self._ridge, self._relative_ridge)
+        system.diagonal().add_(ridge)
         rhs = self._U.clone()  # (Σ d_out, d)
         if self._preserve:
             for name in self._names:
@@ -394,7 +410,7 @@ class FusionProblem:
         tokens = "unknown number of" if self._tokens is None else str(self._tokens)
         what = (
             f"the fusion system ΣG + Σ w·P + λI ({dim}×{dim}; {self._concepts} concept(s) with {tokens} "
-            f"token(s), {len(self._preserve)} weighted preservation group(s), ridge {self._ridge:g})"
+            f"token(s), {len(self._preserve)} weighted preservation group(s), ridge {ridge:g})"
         )
         try:
             correction = _solve_right(rhs, system, what)  # (Σ d_out, d)
@@ -414,10 +430,11 @@ def fuse_loras(
     concepts: Iterable[tuple[Gram, Factors]],
     preserve: Sequence[Preservation] = (),
     ridge: float = 0.0,
+    relative_ridge: float = 0.0,
 ) -> dict[str, Tensor]:
-    """Fuse all concepts' LoRAs in closed form: ``FusionProblem(W1, W0, preserve, ridge)``, one
+    """Fuse all concepts' LoRAs in closed form: ``FusionProblem(W1, W0, preserve, ridge, ...)``, one
     ``add_concept(gram, factors)`` per item of ``concepts`` (consumed lazily), then ``solve()``."""
-    problem = FusionProblem(W1, W0, preserve, ridge)
+    problem = FusionProblem(W1, W0, preserve, ridge, relative_ridge=relative_ridge)
     for gram, factors in concepts:
         problem.add_concept(gram, factors)
     return problem.solve()

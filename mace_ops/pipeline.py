@@ -1,44 +1,100 @@
 """The MACE pipeline on any host: refine (CFR) -> training data -> LoRAs -> fusion -> Erasure.
 
-Stages (DESIGN 2.2-2.4); each is usable alone (the ComfyUI nodes call them one by one):
+Stages (DESIGN 2.2-2.4); each is usable alone (the ComfyUI nodes call them one by one)::
 
-    preserve  = preservation_groups(host, prompts=..., retained=..., settings=...)
-    W1        = refine_weights(host, concepts, preserve, settings)             # CFR
-    data      = generate_training_data(original_host, concepts, ...)           # mace_ops.data
-    bank, L   = train_loras(host.with_weights(W1), data, settings, ...)        # mace_ops.train
-    erasure   = fuse_erasure(host, W1, bank, concepts, preserve, settings)     # closed-form fusion
-    erasure   = run_erasure(host, concepts, ...)                               # all of it
+    stats   = preservation_statistics(host, prompts, retained_prompts)       # cached Gram means
+    W1      = refine_weights(host, concepts, stats.groups(w_p, w_r), ridge)  # CFR: W1 = W0 · M
+    data    = generate_training_data(host, concepts, ...)                    # mace_ops.data
+    bank, L = train_concept_loras(host.with_weights(W1), data, config)       # mace_ops.train
+    W*      = fuse_weights(host, W1, bank, concepts, stats.groups(...), ridge)
+    erasure = run_erasure(host, concepts, ...)                               # all of it
 
-STATUS: signatures fixed; bodies are being filled in (lead).
+The statistics are streamed one concept at a time (never all token vectors at once), so memory does
+not grow with the number of concepts. The host is never mutated: new weights travel as tensors and
+``host.with_weights`` gives a patched view.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
+
+from .closed_form import FusionProblem, Preservation, refine_cross_attention
+from .concepts import Concept, Preset, concept_prompt_pairs, concept_prompts
+from .errors import MaceError
+from .hosts.base import Host
+from .lora import LoRABank
+from .preservation import cached_preservation_moments, default_corpus, preservation_moments
+from .statistics import SecondMoment
+from .tokens import align_prompt_pair
+from .train import TrainConfig
 
 #: progress(stage, done, total, info) — stage in {"preservation", "refine", "data", "train", "fuse"}
 Progress = Callable[[str, int, int, Mapping[str, Any]], None]
+Interrupt = Callable[[], None]
+
+
+def _no_progress(stage: str, done: int, total: int, info: Mapping[str, Any]) -> None:
+    return None
+
+
+def _no_interrupt() -> None:
+    return None
 
 
 @dataclass
 class ErasureSettings:
-    """Every knob of a run. Weights are scale-free (see mace_ops.concepts presets / closed_form)."""
+    """Every knob of a run. Preservation weights are scale-free: ``w`` multiplies the MEAN squared
+    error over a group's tokens (``w = λ_ref · N_ref`` reproduces the reference; see
+    ``mace_ops.concepts``). ``ridge`` is the absolute ``λ ||W - W_prev||²_F``; ``relative_ridge`` ε adds
+    ``ε · tr(K)/d`` to it (``closed_form.effective_ridge``: the least-change solution where the tokens
+    leave directions undetermined). Defaults: 100 celebrities."""
 
     cfr_preserve: float = 0.4749
     cfr_retained: float = 0.0
     fusion_preserve: float = 4749.0
     fusion_retained: float = 0.0
     ridge: float = 0.0
+    relative_ridge: float = 1e-6
     n_images: int = 8
     sample_steps: int = 30
     cfg: float = 7.5
     image_size: int = 512
     seed: int = 0
-    train: Any = None  # mace_ops.train.TrainConfig; None -> defaults
+    # 8 concepts share a forward: bounds memory on full-size models, and an interrupt loses at most 8.
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(concepts_per_batch=8))
+
+    @classmethod
+    def from_preset(cls, preset: Preset, **overrides: Any) -> ErasureSettings:
+        """The preset's weights and training schedule; ``overrides`` replace any field."""
+        w = preset.weights
+        train = TrainConfig(
+            concepts_per_batch=8,
+            steps=int(preset.train.get("steps", 50)),
+            lr=float(preset.train.get("lr", 1e-4)),
+            timesteps=str(preset.train.get("timesteps", "cfis")),
+        )
+        settings = cls(
+            cfr_preserve=float(w.get("cfr_preserve", 0.0)),
+            cfr_retained=float(w.get("cfr_retained", 0.0)),
+            fusion_preserve=float(w.get("fusion_preserve", 0.0)),
+            fusion_retained=float(w.get("fusion_retained", 0.0)),
+            ridge=float(w.get("ridge", 0.0)),
+            train=train,
+        )
+        return dataclasses.replace(settings, **overrides)
+
+    def as_metadata(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["train"] = self.train.result_dict()
+        return d
 
 
 @dataclass
@@ -47,26 +103,212 @@ class Erasure:
 
     weights: dict[str, Tensor]  # "<block>.to_k" -> (d_out, d_ctx), float32, CPU
     base_fingerprint: str  # Host.model_fingerprint() of the ORIGINAL model
-    concepts: list  # list[mace_ops.concepts.Concept]
-    metadata: dict[str, Any] = field(default_factory=dict)  # settings, losses, versions
+    concepts: list[Concept]
+    metadata: dict[str, Any] = field(default_factory=dict)  # settings, losses
 
     def diffs(self, original: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """``W_new - W0`` per matrix (what the erasure file stores)."""
-        return {k: (w.float() - original[k].float().cpu()) for k, w in self.weights.items()}
+        missing = sorted(set(self.weights) - set(original))
+        if missing:
+            raise MaceError(f"the model lacks the erased matrices {missing[:3]}: is it the erasure's base model?")
+        return {k: (w.float().cpu() - original[k].float().cpu()) for k, w in self.weights.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Statistics
+
+
+@dataclass
+class PreservationStatistics:
+    """Second moments of the general preservation prompts and of the optional retained group."""
+
+    general: SecondMoment | None
+    retained: SecondMoment | None = None
+
+    def groups(self, general_weight: float, retained_weight: float = 0.0) -> list[Preservation]:
+        """The weighted groups for one stage (groups with weight 0 or no prompts are left out)."""
+        out = []
+        for moments, w in ((self.general, general_weight), (self.retained, retained_weight)):
+            if moments is not None and moments.count > 0 and w > 0:
+                out.append(Preservation(moments, float(w)))
+        return out
+
+
+def preservation_statistics(
+    host: Host,
+    prompts: Sequence[str] | None = None,
+    retained: Sequence[str] = (),
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    progress: Progress | None = None,
+    check_interrupt: Interrupt | None = None,
+) -> PreservationStatistics:
+    """``Σ e eᵀ`` over all 77 positions of every preservation prompt (default: our corpus) and of the
+    retained group's prompts; cached on disk by text-encoder fingerprint when ``cache_dir`` is set."""
+    emit = progress or _no_progress
+    prompts = list(default_corpus() if prompts is None else prompts)
+
+    def moments(group: Sequence[str], label: str) -> SecondMoment | None:
+        if not group:
+            return None
+
+        def step(done: int, total: int) -> None:
+            emit("preservation", done, total, {"group": label})
+
+        kwargs = dict(progress=step, check_interrupt=check_interrupt)
+        if cache_dir is None:
+            return preservation_moments(host.encode, group, **kwargs)
+        return cached_preservation_moments(
+            host.encode, group, fingerprint=host.text_encoder_fingerprint(), cache_dir=cache_dir, **kwargs
+        )
+
+    return PreservationStatistics(moments(prompts, "general"), moments(list(retained), "retained"))
+
+
+def concept_pair_moments(
+    host: Host,
+    concepts: Sequence[Concept],
+    *,
+    progress: Progress | None = None,
+    check_interrupt: Interrupt | None = None,
+) -> tuple[SecondMoment, SecondMoment]:
+    """CFR statistics over the aligned token pairs of every concept prompt and its anchor twin:
+    ``C = Σ e_g e_fᵀ`` (cross) and ``G = Σ e_f e_fᵀ`` (gram), streamed one concept at a time."""
+    emit, check = progress or _no_progress, check_interrupt or _no_interrupt
+    cross = gram = None
+    for i, concept in enumerate(concepts):
+        check()
+        pairs = concept_prompt_pairs(concept)
+        f_prompts, g_prompts = [p for p, _ in pairs], [a for _, a in pairs]
+        e_f, e_g = host.encode(f_prompts), host.encode(g_prompts)  # (n, 77, d) each
+        ids_f, ids_g = host.token_ids(f_prompts), host.token_ids(g_prompts)
+        rows_f, rows_g = [], []
+        for j in range(len(pairs)):
+            pf, pg = align_prompt_pair(ids_f[j], ids_g[j])
+            rows_f.append(e_f[j, pf])  # (m_j, d)
+            rows_g.append(e_g[j, pg])
+        x_f, x_g = torch.cat(rows_f), torch.cat(rows_g)  # (m, d)
+        if cross is None:
+            cross, gram = SecondMoment(x_f.shape[-1]), SecondMoment(x_f.shape[-1])
+        cross.add(x_g, x_f)
+        gram.add(x_f)
+        emit("refine", i + 1, len(concepts), {"concept": concept.phrase})
+    if cross is None:
+        raise MaceError("the concept list is empty: give at least one concept to erase")
+    return cross, gram
+
+
+def concept_moments(host: Host, concept: Concept) -> SecondMoment:
+    """``G_i = Σ e eᵀ`` over all 77 positions of the concept's prompts (the fusion's ``E_i``)."""
+    emb = host.encode(concept_prompts(concept))  # (n, 77, d)
+    return SecondMoment(emb.shape[-1]).add(emb)
+
+
+# --------------------------------------------------------------------------------------------------
+# Stages
+
+
+def refine_weights(
+    host: Host,
+    concepts: Sequence[Concept],
+    preserve: Sequence[Preservation] = (),
+    ridge: float = 0.0,
+    *,
+    relative_ridge: float = 1e-6,
+    progress: Progress | None = None,
+    check_interrupt: Interrupt | None = None,
+) -> dict[str, Tensor]:
+    """Stage 1, CFR: ``{name: W0 · M}`` for every to_k/to_v of ``host`` (DESIGN 2.2)."""
+    cross, gram = concept_pair_moments(host, concepts, progress=progress, check_interrupt=check_interrupt)
+    return refine_cross_attention(host.cross_attention_weights(), cross, gram, preserve, ridge, relative_ridge)
+
+
+def fuse_weights(
+    host: Host,
+    refined: Mapping[str, Tensor],
+    bank: LoRABank,
+    concepts: Sequence[Concept],
+    preserve: Sequence[Preservation] = (),
+    ridge: float = 0.0,
+    *,
+    relative_ridge: float = 1e-6,
+    original: Mapping[str, Tensor] | None = None,
+    progress: Progress | None = None,
+    check_interrupt: Interrupt | None = None,
+) -> dict[str, Tensor]:
+    """Stage 3: closed-form fusion of every concept's LoRA into the refined weights (DESIGN 2.4).
+
+    ``host`` is the ORIGINAL model (its to_k/to_v are ``W0`` unless ``original`` is given); ``refined``
+    is ``W1``; each concept's LoRA is looked up in ``bank`` by phrase."""
+    emit, check = progress or _no_progress, check_interrupt or _no_interrupt
+    missing = [c.phrase for c in concepts if c.phrase not in bank.concepts]
+    if missing:
+        raise MaceError(f"the LoRA bank has no LoRA for {missing[:5]}: train these concepts first")
+    W0 = original if original is not None else host.cross_attention_weights()
+    problem = FusionProblem(refined, W0, preserve, ridge, relative_ridge=relative_ridge)
+    for i, concept in enumerate(concepts):
+        check()
+        problem.add_concept(concept_moments(host, concept), bank.factors(bank.index(concept.phrase)))
+        emit("fuse", i + 1, len(concepts), {"concept": concept.phrase})
+    return problem.solve()
 
 
 def run_erasure(
-    host,
-    concepts: Sequence,
+    host: Host,
+    concepts: Sequence[Concept],
     *,
     preservation_prompts: Sequence[str] | None = None,
-    retained: Sequence[str] = (),
+    retained_prompts: Sequence[str] = (),
     settings: ErasureSettings | None = None,
     user_images: Mapping[str, Tensor] | None = None,
     user_masks: Mapping[str, Tensor] | None = None,
-    cache_dir: str | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
-    check_interrupt: Callable[[], None] | None = None,
+    check_interrupt: Interrupt | None = None,
 ) -> Erasure:
-    """Run the whole MACE pipeline on ``host`` (never mutated) and return the Erasure."""
-    raise NotImplementedError("pipeline under construction")
+    """Run the whole MACE pipeline on ``host`` (never mutated) and return the Erasure.
+
+    With ``cache_dir`` the preservation statistics, training images/masks and each finished concept's
+    LoRA are kept there, so an interrupted run resumes where it stopped."""
+    from .data import generate_training_data
+    from .train import train_concept_loras
+
+    settings = settings or ErasureSettings()
+    concepts = list(concepts)
+    if not concepts:
+        raise MaceError("the concept list is empty: give at least one concept to erase")
+    emit = progress or _no_progress
+    cache = Path(cache_dir) if cache_dir is not None else None
+
+    stats = preservation_statistics(
+        host, preservation_prompts, retained_prompts, cache_dir=cache, progress=emit,
+        check_interrupt=check_interrupt,
+    )
+    original = host.cross_attention_weights()
+    refined = refine_weights(
+        host, concepts, stats.groups(settings.cfr_preserve, settings.cfr_retained), settings.ridge,
+        relative_ridge=settings.relative_ridge, progress=emit, check_interrupt=check_interrupt,
+    )
+    data = generate_training_data(
+        host, concepts, token_ids=host.token_ids, n_images=settings.n_images, seed=settings.seed,
+        steps=settings.sample_steps, cfg=settings.cfg, size=settings.image_size,
+        user_images=user_images, user_masks=user_masks,
+        cache_dir=None if cache is None else cache / "data",
+        progress=lambda done, total, phrase: emit("data", done, total, {"concept": phrase}),
+        check_interrupt=check_interrupt,
+    )
+    bank, losses = train_concept_loras(
+        host.with_weights(refined), data, settings.train, token_ids=host.token_ids, base_weights=refined,
+        progress=lambda step, total, phrase, loss: emit("train", step, total, {"concept": phrase, "loss": loss}),
+        check_interrupt=check_interrupt, cache_dir=None if cache is None else cache / "loras",
+    )
+    fused = fuse_weights(
+        host, refined, bank, concepts, stats.groups(settings.fusion_preserve, settings.fusion_retained),
+        settings.ridge, relative_ridge=settings.relative_ridge, original=original, progress=emit, check_interrupt=check_interrupt,
+    )
+    return Erasure(
+        weights={k: v.detach().float().cpu() for k, v in fused.items()},
+        base_fingerprint=host.model_fingerprint(),
+        concepts=concepts,
+        metadata={"settings": settings.as_metadata(), "losses": losses},
+    )

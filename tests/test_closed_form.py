@@ -416,3 +416,30 @@ def test_fusion_computes_in_float64_and_keeps_dtype(dtype):
             )
         )
         assert _close(out[name].to(F64), ref, 2 * torch.finfo(dtype).eps), name
+
+
+def test_relative_ridge_is_a_ridge_on_the_mean_eigenvalue_and_matches_lstsq():
+    """``relative_ridge`` ε acts as ``λ = ε · tr(K)/d``, with tr(K) = Σ_pairs ||e_f||² + Σ_k w_k mean ||e_p||²
+    counted sample by sample, for CFR; for fusion tr(K) = Σ_i Σ_e ||e||² + Σ_k w_k mean ||e_p||²."""
+    eps = 1e-3
+    e_f, e_g, groups, weights = _cfr_data(seed=8)
+    pres_trace = sum(w / len(x) * sum(float(e @ e) for e in x) for x, w in zip(groups, weights, strict=True))
+    lam = eps * (sum(float(e @ e) for e in e_f) + pres_trace) / D
+    cross, gram, pres = _cfr_stats(e_f, e_g, groups, weights)
+    w0s = _weights(9)
+    out = refine_cross_attention(w0s, cross, gram, pres, ridge=0.0, relative_ridge=eps)
+    for name, w0 in w0s.items():
+        assert _close(out[name], _lstsq(*_cfr_stack(w0, e_f, e_g, groups, weights, lam)), LSTSQ_RTOL), name
+
+    concepts, loras, groups, weights = _fusion_data(seed=40)
+    pres_trace = sum(w / len(x) * sum(float(e @ e) for e in x) for x, w in zip(groups, weights, strict=True))
+    lam = 0.1 + eps * (sum(float(e @ e) for c in concepts for e in c) + pres_trace) / D
+    w1s, w0s = _weights(41), _weights(42)
+    pres = [Preservation(_moments(x), w) for x, w in zip(groups, weights, strict=True)]
+    out = fuse_loras(
+        w1s, w0s, ((_moments(e), lora) for e, lora in zip(concepts, loras, strict=True)), pres,
+        ridge=0.1, relative_ridge=eps,
+    )
+    for name in w1s:
+        ref = _lstsq(*_fusion_stack(name, w1s[name], w0s[name], concepts, loras, groups, weights, lam))
+        assert _close(out[name], ref, LSTSQ_RTOL), name

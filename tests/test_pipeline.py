@@ -1,0 +1,109 @@
+"""The pipeline stages on the tiny SD1.x-shaped host: what CFR does to the words around a concept,
+what it leaves alone, and a whole run (data -> LoRAs -> fusion) that never touches the host."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mace_ops.concepts import Concept, concept_prompt_pairs
+from mace_ops.errors import MaceError
+from mace_ops.pipeline import (
+    ErasureSettings,
+    preservation_statistics,
+    refine_weights,
+    run_erasure,
+)
+from mace_ops.preservation import default_corpus
+from mace_ops.tokens import align_prompt_pair
+from mace_ops.train import TrainConfig
+
+F64 = torch.float64
+
+
+def _aligned_residual(host, concept, W, W0) -> float:
+    """sqrt(Σ ||W e_f - W0 e_g||² / Σ ||W0 e_f - W0 e_g||²) over aligned pairs and all matrices,
+    computed token by token (independent of the statistics the solver used)."""
+    pairs = concept_prompt_pairs(concept)
+    f, g = [p for p, _ in pairs], [a for _, a in pairs]
+    ef, eg = host.encode(f).to(F64), host.encode(g).to(F64)
+    idf, idg = host.token_ids(f), host.token_ids(g)
+    num = den = 0.0
+    for j in range(len(pairs)):
+        pf, pg = align_prompt_pair(idf[j], idg[j])
+        for k in W0:
+            target = eg[j, pg] @ W0[k].to(F64).T
+            num += (ef[j, pf] @ W[k].to(F64).T - target).pow(2).sum().item()
+            den += (ef[j, pf] @ W0[k].to(F64).T - target).pow(2).sum().item()
+    return (num / den) ** 0.5
+
+
+def _relative_drift(host, prompts, W, W0) -> float:
+    e = host.encode(prompts).to(F64).reshape(-1, 768)
+    num = sum((e @ (W[k].to(F64) - W0[k].to(F64)).T).pow(2).sum() for k in W0)
+    den = sum((e @ W0[k].to(F64).T).pow(2).sum() for k in W0)
+    return float((num / den) ** 0.5)
+
+
+@pytest.fixture(scope="module")
+def corpus() -> list[str]:
+    return default_corpus()
+
+
+def test_cfr_maps_context_words_to_anchor_and_spares_held_out_prompts(tiny_host, corpus):
+    concept = Concept("Taylor Swift", "a person")
+    stats = preservation_statistics(tiny_host, corpus[:96])
+    held_out = corpus[-48:]
+    W0 = tiny_host.cross_attention_weights()
+
+    weak = refine_weights(tiny_host, [concept], stats.groups(0.05))
+    strong = refine_weights(tiny_host, [concept], stats.groups(5.0))
+
+    # The K/V of the words around the concept land on the anchor prompt's (before: ratio 1 by definition).
+    assert _aligned_residual(tiny_host, concept, weak, W0) < 0.05
+    assert _aligned_residual(tiny_host, concept, strong, W0) < 0.05
+    # Prompts that were never seen move little, and less with a stronger preservation weight.
+    drift_weak = _relative_drift(tiny_host, held_out, weak, W0)
+    drift_strong = _relative_drift(tiny_host, held_out, strong, W0)
+    assert drift_strong < drift_weak
+    assert drift_strong < 0.15
+    # Nothing of the host changed.
+    assert all(torch.equal(W0[k], v) for k, v in tiny_host.cross_attention_weights().items())
+
+
+def test_empty_concept_list_is_refused(tiny_host):
+    with pytest.raises(MaceError, match="empty"):
+        run_erasure(tiny_host, [])
+
+
+def test_run_erasure_end_to_end_leaves_host_untouched_and_resumes(tiny_host, corpus, tmp_path):
+    concepts = [Concept("Taylor Swift", "a person"), Concept("Van Gogh", "art", "style")]
+    settings = ErasureSettings(n_images=1, sample_steps=2, image_size=64, train=TrainConfig(steps=2))
+    state_before = {k: v.clone() for k, v in tiny_host.unet.state_dict().items()}
+    fingerprint = tiny_host.model_fingerprint()
+    events: list[tuple] = []
+
+    erasure = run_erasure(
+        tiny_host, concepts, preservation_prompts=corpus[:32], settings=settings,
+        cache_dir=tmp_path, progress=lambda *e: events.append(e),
+    )
+
+    W0 = tiny_host.cross_attention_weights()
+    assert set(erasure.weights) == set(W0) and len(W0) == 32
+    assert erasure.base_fingerprint == fingerprint
+    assert any(not torch.allclose(erasure.weights[k], W0[k]) for k in W0)
+    assert all(torch.isfinite(w).all() for w in erasure.weights.values())
+    assert {e[0] for e in events} == {"preservation", "refine", "data", "train", "fuse"}
+    assert set(erasure.metadata["losses"]) == {"Taylor Swift", "Van Gogh"}
+    after = tiny_host.unet.state_dict()
+    assert all(torch.equal(state_before[k], after[k]) for k in state_before)
+
+    # Same command again: images and LoRAs come from the cache, so the UNet never runs; same result.
+    calls = []
+    hook = tiny_host.unet.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        again = run_erasure(tiny_host, concepts, preservation_prompts=corpus[:32], settings=settings, cache_dir=tmp_path)
+    finally:
+        hook.remove()
+    assert calls == []
+    assert all(torch.allclose(again.weights[k], erasure.weights[k]) for k in W0)
