@@ -6,7 +6,7 @@ Single-file layout (the LDM / "original" one that ComfyUI's CheckpointLoaderSimp
     cond_stage_model.transformer.* CLIP text encoder (transformers names, text_model.*)
     first_stage_model.*            VAE (LDM names; attention q/k/v/proj_out as 1x1 convs)
 
-Loading uses the architecture configs shipped in ``mace_ops/data/sd1/`` (no hub access) and
+Loading uses the architecture configs shipped in ``mace_ops/assets/sd1/`` (no hub access) and
 diffusers' own LDM -> diffusers key conversions. A file may carry its own configs as json in the
 metadata key ``mace.sd_configs`` (``{"unet": ..., "vae": ..., "text_encoder": ...}``); the tiny test
 models use that. Writing (``write_sd1_checkpoint``) maps diffusers names back to LDM names by the
@@ -54,7 +54,7 @@ SD1_CONTEXT_DIM = 768
 
 def sd1_configs() -> dict[str, dict[str, Any]]:
     """The shipped SD1.x configs: ``{"unet", "vae", "text_encoder", "scheduler"}`` -> dict."""
-    root = resources.files("mace_ops").joinpath("data", "sd1")
+    root = resources.files("mace_ops").joinpath("assets", "sd1")
     return {name: json.loads(root.joinpath(f"{name}.json").read_text(encoding="utf-8"))
             for name in ("unet", "vae", "text_encoder", "scheduler")}
 

@@ -260,7 +260,7 @@ class Preset:
 
 
 def _preset_dir():
-    return resources.files("mace_ops").joinpath("data", "presets")
+    return resources.files("mace_ops").joinpath("assets", "presets")
 
 
 def list_presets() -> list[str]:

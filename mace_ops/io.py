@@ -152,13 +152,20 @@ def check_safetensors_file(path: str | os.PathLike[str], what: str = "file") -> 
         raise MaceError(f"{what} {str(p)!r} does not exist; check the path")
     size = p.stat().st_size
     with p.open("rb") as f:
-        head = f.read(8)
-        if head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_MAGIC):
-            raise MaceError(f"{what} {str(p)!r} is a pickle/zip (torch.save) checkpoint; it is refused and never "
-                            "unpickled: convert it to .safetensors first")
-        if len(head) < 8:
-            raise MaceError(f"{what} {str(p)!r} is truncated ({size} bytes): not a safetensors file; re-download it")
-        (n,) = struct.unpack("<Q", head)
+        head = f.read(9)
+        # safetensors: u64 header length n, then n bytes of json starting with "{". A valid length may
+        # itself begin with 0x80, so the pickle/zip magic is only looked at when that layout fails.
+        n = struct.unpack("<Q", head[:8])[0] if len(head) == 9 else 0
+        if len(head) < 9 or head[8:9] != b"{" or n < 2:
+            if head.startswith(_ZIP_MAGIC) or (head[:1] == _PICKLE_MAGIC and head[1:2] in b"\x02\x03\x04\x05"):
+                raise MaceError(f"{what} {str(p)!r} is a pickle/zip (torch.save) checkpoint; it is refused and "
+                                "never unpickled: convert it to .safetensors first")
+            if len(head) < 9:
+                raise MaceError(f"{what} {str(p)!r} is truncated ({size} bytes): not a complete safetensors "
+                                "file; re-download or re-save it")
+            raise MaceError(f"{what} {str(p)!r} is corrupt or not a safetensors file (no json header); "
+                            "give a .safetensors file, or re-download or re-save it")
+        f.seek(8)
         if n + 8 > size:
             raise MaceError(f"{what} {str(p)!r} is truncated or not safetensors: header of {n} bytes but the file "
                             f"has {size}; re-download or re-save it")

@@ -24,20 +24,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .errors import MaceError
 from .hosts.base import LinearFn
+from .io import atomic_save_safetensors, read_safetensors
 
 BANK_FORMAT = "mace-lora-bank/1"
 
@@ -197,40 +194,7 @@ def save_bank(
     for i, name in enumerate(bank.names):
         tensors[f"{name}.down"] = bank.downs[i].detach().cpu().contiguous()
         tensors[f"{name}.up"] = bank.ups[i].detach().cpu().contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        if path.exists() and not overwrite:  # lost a race with another writer
-            raise MaceError(f"LoRA bank file {str(path)!r} exists: choose another name or pass overwrite=True")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
-def check_safetensors_header(path: str | os.PathLike[str]) -> None:
-    """Refuse anything that is not a safetensors file (pickle, zip, truncated) without unpickling it.
-
-    safetensors layout: 8-byte little-endian header length ``n``, then ``n`` bytes of json starting
-    with ``{``.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise MaceError(f"LoRA bank file {str(p)!r} does not exist: check the path")
-    size = p.stat().st_size
-    with p.open("rb") as f:
-        head = f.read(9)
-    if len(head) < 9:
-        raise MaceError(f"{str(p)!r} is not a safetensors file (too short): give a .safetensors LoRA bank")
-    (n,) = struct.unpack("<Q", head[:8])
-    if head[8:9] != b"{" or n < 2 or 8 + n > size:
-        raise MaceError(
-            f"{str(p)!r} is not a safetensors file (pickle/zip or corrupt header); MACE never unpickles: "
-            "give a .safetensors LoRA bank"
-        )
+    return atomic_save_safetensors(tensors, path, meta, overwrite=overwrite)
 
 
 def load_bank(
@@ -245,18 +209,15 @@ def load_bank(
     Refuses (``MaceError`` naming both values) a bank whose ``fingerprint``, matrix shapes or rank
     differ from the expected ones, and any file that is not safetensors.
     """
-    check_safetensors_header(path)
-    with safe_open(str(path), framework="pt") as f:
-        raw = f.metadata() or {}
-        try:
-            meta = {k: json.loads(v) for k, v in raw.items()}
-        except json.JSONDecodeError as e:
-            raise MaceError(f"{str(path)!r}: metadata is not json ({e}); was it written by save_bank?") from e
-        if meta.get("format") != BANK_FORMAT:
-            raise MaceError(
-                f"{str(path)!r}: format {meta.get('format')!r}, expected {BANK_FORMAT!r}: not a MACE LoRA bank"
-            )
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors, raw = read_safetensors(path, "LoRA bank file")
+    try:
+        meta = {k: json.loads(v) for k, v in raw.items()}
+    except json.JSONDecodeError as e:
+        raise MaceError(f"{str(path)!r}: metadata is not json ({e}); was it written by save_bank?") from e
+    if meta.get("format") != BANK_FORMAT:
+        raise MaceError(
+            f"{str(path)!r}: format {meta.get('format')!r}, expected {BANK_FORMAT!r}: not a MACE LoRA bank"
+        )
     names: list[str] = meta["names"]
     shapes = {n: (int(meta["shapes"][n][0]), int(meta["shapes"][n][1])) for n in names}  # in names order
     rank = int(meta["rank"])
@@ -291,4 +252,4 @@ def load_bank(
     return bank, meta
 
 
-__all__ = ["LoRABank", "check_safetensors_header", "load_bank", "save_bank", "seed_from"]
+__all__ = ["LoRABank", "load_bank", "save_bank", "seed_from"]

@@ -15,18 +15,16 @@ import hashlib
 import json
 import os
 import random
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from functools import cache
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .concepts import templates_for
 from .errors import MaceError
+from .io import atomic_save_safetensors, read_safetensors
 from .statistics import SecondMoment
 
 Encode = Callable[[Sequence[str]], Tensor]  # prompts -> (B, 77, d) text-encoder outputs
@@ -252,9 +250,7 @@ def _load_cached(path: Path, key: str, fingerprint: str, n_prompts: int) -> Seco
     if not path.is_file():
         return None
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(str(path))
+        tensors, meta = read_safetensors(path, "preservation cache file")
         s, count = tensors["sum"], int(tensors["count"])
         ok = (
             meta.get("key") == key
@@ -269,22 +265,6 @@ def _load_cached(path: Path, key: str, fingerprint: str, n_prompts: int) -> Seco
     except Exception:  # noqa: BLE001 - an unreadable file (truncated, bad header) is rebuilt, never trusted
         return None
     return SecondMoment(dim=s.shape[0], sum=s, count=count) if ok else None
-
-
-def _save_atomic(path: Path, moment: SecondMoment, metadata: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(
-            {"sum": moment.sum.contiguous(), "count": torch.tensor(moment.count, dtype=torch.int64)},
-            tmp,
-            metadata=metadata,
-        )
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def cached_preservation_moments(
@@ -320,8 +300,8 @@ def cached_preservation_moments(
         "format": "mace.preservation.v1",
     }
     try:
-        _save_atomic(path, moment, meta)
-    except OSError as e:  # a read-only cache must not fail the job
+        atomic_save_safetensors(moment.state_dict(), path, meta, overwrite=True)
+    except MaceError as e:  # a read-only cache must not fail the job
         import warnings
 
         warnings.warn(f"could not write preservation cache {path}: {e}", stacklevel=2)

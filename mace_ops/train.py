@@ -21,22 +21,20 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from .attention import explicit_attention, layer_hw, resize_mask
 from .concepts import Concept, training_prompt
 from .errors import MaceError
 from .hosts.base import Host
-from .lora import LoRABank, check_safetensors_header, seed_from
+from .io import atomic_save_safetensors, read_safetensors
+from .lora import LoRABank, seed_from
 from .tokens import TokenIds, phrase_positions
 
 # --------------------------------------------------------------------------------------------------
@@ -182,27 +180,18 @@ def _save_cached(path: Path, factors: Mapping[str, tuple[Tensor, Tensor]], meta:
     for name, (up, down) in factors.items():
         tensors[f"{name}.up"] = up.detach().cpu().contiguous()
         tensors[f"{name}.down"] = down.detach().cpu().contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={k: json.dumps(v) for k, v in meta.items()})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_save_safetensors(tensors, path, {k: json.dumps(v) for k, v in meta.items()}, overwrite=True)
 
 
 def _load_cached(path: Path, key: str, names: Sequence[str]) -> tuple[dict[str, tuple[Tensor, Tensor]], list[float]] | None:
     """A finished concept's factors and losses, or None when absent / written for another key."""
     if not path.is_file():
         return None
-    check_safetensors_header(path)
-    with safe_open(str(path), framework="pt") as f:
-        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-        if meta.get("key") != key:
-            return None
-        factors = {n: (f.get_tensor(f"{n}.up"), f.get_tensor(f"{n}.down")) for n in names}
+    tensors, raw = read_safetensors(path, "LoRA cache file")
+    meta = {k: json.loads(v) for k, v in raw.items()}
+    if meta.get("key") != key:
+        return None
+    factors = {n: (tensors[f"{n}.up"], tensors[f"{n}.down"]) for n in names}
     return factors, [float(x) for x in meta.get("losses", [])]
 
 

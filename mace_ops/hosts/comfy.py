@@ -1,0 +1,481 @@
+"""The ComfyUI host: a MODEL (``comfy.model_patcher.ModelPatcher``), its CLIP and optionally its VAE.
+
+Imported only inside ComfyUI (every ``comfy`` import is lazy, in the functions that need it).
+
+Names. The UNet is ``model.model.diffusion_model`` (LDM layout), so our block names are its own module
+paths: ``input_blocks.1.1.transformer_blocks.0.attn2``; a weight's ComfyUI key is
+``diffusion_model.<block>.to_k.weight``. ComfyUI's attention patches address the same block as
+``("input", 1, 0)`` = (kind, index in input_blocks/output_blocks, transformer index); middle is
+``("middle", 0, t)``.
+
+Weights (never written). The weights of a host are the model's own tensors with the ModelPatcher's
+patches applied, computed on a float32 CPU copy with ComfyUI's ``comfy.lora.calculate_weight``; the
+unpatched tensor comes from the patcher's backup when another clone of the same module is currently
+loaded with its patches in place. ``with_weights(W)`` returns a host on ``model.clone()`` with the
+patches ``W - W_current`` (ComfyUI's full-difference patch), so every other view of the MODEL is
+untouched. The clone carries the weights it started from (before any MACE edit) as a patcher
+attachment (``"mace_base"``): ``original_weights()`` of hosts made from it, e.g. in a later node.
+``model_fingerprint()`` identifies the checkpoint: the hash of the to_k/to_v as loaded, without any
+patch, so a MODEL keeps its fingerprint through MACE edits and LoRAs.
+
+Instrumented UNet (gradients inside a node). ComfyUI runs nodes under ``torch.inference_mode()``: the
+loaded weights are inference tensors and cannot be saved for backward. ``instrument`` therefore runs a
+PRIVATE float32 copy of the UNet (built once per host, outside inference mode, from the effective
+weights; its parameters are frozen, ordinary tensors) on the load device, and calls it directly:
+``eps = UNet(x_t, t, context)`` with ComfyUI's own ``attn2`` replace patch for ``attention`` (the block
+gets the projected q/k/v) and private ``to_k``/``to_v`` modules for ``linears``. Nothing of the shared
+model is touched; the private modules are put back on exit, also on error. Only the MODEL's weight
+patches reach this forward (its transformer patches, wrappers and object patches on UNet modules do
+not): it is the plain SD1.x noise predictor the MACE loss is defined on.
+
+Sampling (``generate``) is ComfyUI's own KSampler (``comfy.sample.sample``, sampler ``euler``,
+scheduler ``normal`` by default) on a clone, classifier-free guidance with the empty prompt; prompt
+``i``'s initial noise is ``comfy.sample.prepare_noise`` of seed ``seed + i``. The attention probe is an
+``attn2`` replace patch on that clone computing ``P = softmax(QKᵀ/√d)`` explicitly; of each batch it
+forwards the chunks that ``extra_options["cond_or_uncond"]`` marks as conditional (0).
+
+VAE: ComfyUI's IMAGE is (B, H, W, 3) in [0, 1] and its LATENT is the unscaled VAE latent; the host
+works in (B, 3, H, W) in [-1, 1] and scaled latents (``latent_format.process_in``: × 0.18215).
+``alphas_cumprod`` is ``1 / (1 + σ²)`` of ``model.model.model_sampling.sigmas`` (ComfyUI keeps σ, not ᾱ).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..attention import explicit_attention
+from ..errors import MaceError
+from .base import AttentionFn, CrossAttentionBlock, LinearFn, UNetFn, matrix_names
+from .diffusers import weights_fingerprint
+
+UNET_PREFIX = "diffusion_model."
+ATTACHMENT = "mace_base"
+#: input_blocks.<i>.<j>.transformer_blocks.<t>.attn2 | middle_block.<j>.transformer_blocks.<t>.attn2 | output_...
+_BLOCK_RE = re.compile(
+    r"^(?:(?P<kind>input|output)_blocks\.(?P<number>\d+)\.\d+|middle_block\.\d+)\.transformer_blocks\.(?P<index>\d+)\.attn2$"
+)
+#: prompts per text-encoder call in ``encode``
+ENCODE_BATCH = 64
+#: CLIP object -> ((patches_uuid, layer_idx), fingerprint): hashing CLIP-L takes seconds on a CPU
+_TEXT_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def normal_tensor(t: Tensor) -> Tensor:
+    """A copy of ``t`` that is an ordinary tensor (not an inference tensor), detached."""
+    with torch.inference_mode(False):
+        return t.detach().clone()
+
+
+def comfy_block_key(block: str) -> tuple[str, int, int]:
+    """LDM block name -> ComfyUI's attention-patch key ``(kind, number, transformer_index)``."""
+    m = _BLOCK_RE.match(block)
+    if m is None:
+        raise MaceError(f"cross-attention block {block!r} is not an SD1.x UNet block path")
+    if m.group("kind") is None:
+        return "middle", 0, int(m.group("index"))
+    return m.group("kind"), int(m.group("number")), int(m.group("index"))
+
+
+def effective_weight(patcher: Any, key: str, *, patched: bool = True) -> Tensor:
+    """The weight ``key`` of the patcher's model with its patches applied (``patched``) or as loaded
+    from the checkpoint (not ``patched``), float32 CPU copy.
+
+    The unpatched tensor is the patcher's backup when the shared module is currently loaded with
+    patches in place, else the module's own tensor; patches are applied by ComfyUI's
+    ``comfy.lora.calculate_weight`` exactly as at load time (float32)."""
+    import comfy.lora
+    import comfy.utils
+
+    backup = patcher.backup.get(key)
+    raw = backup.weight if backup is not None else comfy.utils.get_attr(patcher.model, key)
+    with torch.inference_mode(False):
+        w = raw.detach().to("cpu", torch.float32, copy=True)
+        if patched and key in patcher.patches:
+            w = comfy.lora.calculate_weight(patcher.patches[key], w, key, intermediate_dtype=torch.float32)
+        return w.float()
+
+
+class _FnLinear(nn.Module):
+    """A module calling ``fn(context)``: stands in for a private copy's to_k / to_v."""
+
+    def __init__(self, fn: LinearFn) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fn(x)
+
+
+class ComfyHost:
+    """A ``Host`` over ComfyUI's MODEL, CLIP and VAE (none of them is ever mutated)."""
+
+    max_length: int = 77
+
+    def __init__(
+        self,
+        model: Any,
+        clip: Any = None,
+        vae: Any = None,
+        *,
+        sampler_name: str = "euler",
+        scheduler: str = "normal",
+    ) -> None:
+        """``model``: a ModelPatcher of an SD1.x UNet (None: a text-only host for CLIP-only work);
+        ``clip``: its CLIP (text methods need it); ``vae``: its VAE (``vae_*`` and ``generate`` need it)."""
+        self.model = model
+        self.clip = clip
+        self.vae = vae
+        self.sampler_name = sampler_name
+        self.scheduler = scheduler
+        self._modules: dict[str, nn.Module] = {}
+        self._cache: dict[str, Any] = {}
+        if model is None:
+            return
+        dm = getattr(getattr(model, "model", None), "diffusion_model", None)
+        if dm is None:
+            raise MaceError("MODEL input: not a ComfyUI diffusion model (no model.diffusion_model); connect a MODEL")
+        for name, m in dm.named_modules():
+            if name.endswith(".attn2") and _BLOCK_RE.match(name) and hasattr(m, "to_k") and hasattr(m, "to_v"):
+                self._modules[name] = m
+        if not self._modules:
+            raise MaceError("MODEL input: the UNet has no SD1.x cross-attention blocks (input_blocks.*.attn2); "
+                            "connect an SD1.x model")
+
+    def _need_model(self) -> Any:
+        if self.model is None:
+            raise MaceError("MODEL input: this step needs the diffusion model; connect the checkpoint's MODEL")
+        return self.model
+
+    # ------------------------------------------------------------------ provenance
+    def _attachment(self) -> dict[str, Any] | None:
+        get = getattr(self._need_model(), "get_attachment", None)
+        return get(ATTACHMENT) if get is not None else None
+
+    def original_weights(self) -> dict[str, Tensor]:
+        """The to_k/to_v of the base model this MODEL was derived from by MACE (its own when none)."""
+        att = self._attachment()
+        if att is not None:
+            return {k: v.clone() for k, v in att["weights"].items()}
+        return self.cross_attention_weights()
+
+    def model_fingerprint(self) -> str:
+        """``weights_fingerprint`` (as the diffusers host) of the to_k/to_v AS LOADED from the checkpoint
+        (the shared module's own tensors, without any patch), in block order: every clone of a loaded
+        MODEL, patched by MACE or by LoRAs, has its checkpoint's fingerprint."""
+        if "fingerprint" not in self._cache:
+            model = self._need_model()
+            names = matrix_names(list(self._modules))
+            w = {n: effective_weight(model, f"{UNET_PREFIX}{n}.weight", patched=False) for n in names}
+            self._cache["fingerprint"] = weights_fingerprint(w, names)
+        return self._cache["fingerprint"]
+
+    def text_encoder_fingerprint(self) -> str:
+        """``weights_fingerprint`` of every text-encoder tensor with the CLIP's patches applied, plus the
+        CLIP's output layer (``CLIPSetLastLayer``). Remembered per CLIP object and patch state."""
+        clip = self._need_clip()
+        patcher = clip.patcher
+        state = (getattr(patcher, "patches_uuid", None), clip.layer_idx)
+        known = _TEXT_FINGERPRINTS.get(clip)
+        if known is not None and known[0] == state:
+            return known[1]
+        weights = {k: effective_weight(patcher, k) for k in patcher.model.state_dict()}
+        weights["layer_idx"] = torch.tensor([-(10**6) if clip.layer_idx is None else int(clip.layer_idx)],
+                                            dtype=torch.float32)
+        fingerprint = weights_fingerprint(weights, list(weights))
+        try:
+            _TEXT_FINGERPRINTS[clip] = (state, fingerprint)
+        except TypeError:  # not weak-referenceable: just do not remember it
+            pass
+        return fingerprint
+
+    # ------------------------------------------------------------------ text
+    def _need_clip(self) -> Any:
+        if self.clip is None:
+            raise MaceError("CLIP input: this step needs the model's CLIP; connect the checkpoint's CLIP")
+        return self.clip
+
+    def _first_sections(self, prompts: Sequence[str]) -> tuple[str, list[list[tuple[int, float]]]]:
+        """Tokenize each prompt with the host's tokenizer; keep its first 77-token section."""
+        clip = self._need_clip()
+        key = None
+        sections = []
+        for p in prompts:
+            tokens = clip.tokenize(p)
+            if len(tokens) != 1:
+                raise MaceError(f"CLIP input: {sorted(tokens)} text encoders; MACE needs SD1.x's single CLIP-L")
+            ((key, chunks),) = tokens.items()
+            sections.append([tuple(t[:2]) for t in chunks[0]])
+        return key, sections
+
+    def token_ids(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Token ids as ComfyUI's SD1 tokenizer pads them (start, tokens, end, end-padding), first 77."""
+        _, sections = self._first_sections(prompts)
+        out = []
+        for sec in sections:
+            ids = []
+            for tok, _w in sec:
+                if not isinstance(tok, int):
+                    raise MaceError("prompt uses a textual-inversion embedding; MACE prompts must be plain text")
+                ids.append(tok)
+            out.append(ids)
+        return out
+
+    def encode(self, prompts: Sequence[str]) -> Tensor:
+        """Per-token states ComfyUI feeds the UNet as context, (B, 77, d_ctx) float32, no grad.
+
+        Prompts are encoded ENCODE_BATCH at a time as sections of one ``encode_from_tokens`` call
+        (ComfyUI encodes sections as a batch and concatenates them along the sequence)."""
+        prompts = list(prompts)
+        if not prompts:
+            raise MaceError("encode: give at least one prompt")
+        clip = self._need_clip()
+        key, sections = self._first_sections(prompts)
+        parts = []
+        with torch.no_grad():
+            for i in range(0, len(sections), ENCODE_BATCH):
+                chunk = sections[i : i + ENCODE_BATCH]
+                cond = clip.encode_from_tokens({key: chunk})  # (1, 77·n, d)
+                n = len(chunk)
+                if cond.shape[1] != n * self.max_length:
+                    raise MaceError(f"CLIP input: got {cond.shape[1]} states for {n} prompts; expected 77 each")
+                parts.append(cond.reshape(n, self.max_length, cond.shape[-1]).float().cpu())
+            return normal_tensor(torch.cat(parts))
+
+    # ------------------------------------------------------------------ weights
+    def cross_attention_blocks(self) -> list[CrossAttentionBlock]:
+        self._need_model()
+        out = []
+        for name, m in self._modules.items():
+            d_out, d_ctx = m.to_k.weight.shape
+            out.append(CrossAttentionBlock(name, int(m.heads), int(m.dim_head), int(d_out), int(d_ctx)))
+        return out
+
+    def cross_attention_weights(self) -> dict[str, Tensor]:
+        """The effective (patched) to_k/to_v, float32 CPU copies, in block order."""
+        model = self._need_model()
+        names = matrix_names(list(self._modules))
+        return {n: effective_weight(model, f"{UNET_PREFIX}{n}.weight") for n in names}
+
+    def with_weights(self, weights: Mapping[str, Tensor]) -> ComfyHost:
+        """A host on ``model.clone()`` whose to_k/to_v are ``weights`` (missing names keep this host's);
+        the patches are the differences to this host's weights. This host's MODEL is untouched."""
+        current = self.cross_attention_weights()
+        unknown = [n for n in weights if n not in current]
+        if unknown:
+            raise MaceError(f"weights for unknown matrices {unknown[:3]}: names must be '<block>.to_k' / '.to_v'")
+        for n, w in weights.items():
+            if tuple(w.shape) != tuple(current[n].shape):
+                raise MaceError(f"weights {n} of shape {tuple(w.shape)}; the model needs {tuple(current[n].shape)}")
+        base = {"weights": self.original_weights()}
+        clone = self.model.clone()
+        with torch.inference_mode(False):
+            diffs = {
+                f"{UNET_PREFIX}{n}.weight": (w.detach().to("cpu", torch.float32) - current[n],)
+                for n, w in weights.items()
+            }
+        added = clone.add_patches(diffs, 1.0, 1.0)
+        if len(added) != len(diffs):
+            raise MaceError("MODEL input: ComfyUI did not accept the weight patches (unexpected key layout)")
+        clone.set_attachments(ATTACHMENT, base)
+        return ComfyHost(clone, self.clip, self.vae, sampler_name=self.sampler_name, scheduler=self.scheduler)
+
+    # ------------------------------------------------------------------ UNet with gradients
+    def _device(self) -> torch.device:
+        return torch.device(self.model.load_device)
+
+    def _private_unet(self) -> nn.Module:
+        """A float32 copy of the UNet with the effective weights as frozen ORDINARY tensors (built once)."""
+        uuid = getattr(self.model, "patches_uuid", None)
+        cached = self._cache.get("unet")
+        if cached is not None and cached[0] == uuid:
+            return cached[1]
+        import comfy.model_management
+
+        dm = self.model.model.diffusion_model
+        device = self._device()
+        size = sum(p.numel() for p in dm.parameters()) * 4
+        comfy.model_management.free_memory(size * 2, device)
+        memo: dict[int, Any] = {}
+        with torch.inference_mode(False):
+            for name, p in dm.named_parameters():
+                w = effective_weight(self.model, f"{UNET_PREFIX}{name}")
+                memo[id(p)] = nn.Parameter(w.to(device), requires_grad=False)
+            for _name, b in dm.named_buffers():
+                memo[id(b)] = b.detach().to(device, copy=True)
+            unet = copy.deepcopy(dm, memo)
+        for m in unet.modules():  # ComfyUI's cast/low-VRAM hooks would re-apply patches: plain torch ops
+            if hasattr(m, "comfy_cast_weights"):
+                m.comfy_cast_weights = False
+            if hasattr(m, "weight_function"):
+                m.weight_function = []
+            if hasattr(m, "bias_function"):
+                m.bias_function = []
+        unet.eval()
+        self._cache["unet"] = (uuid, unet)
+        return unet
+
+    @contextmanager
+    def instrument(
+        self,
+        *,
+        linears: Mapping[str, LinearFn] | None = None,
+        attention: AttentionFn | None = None,
+    ) -> Iterator[UNetFn]:
+        """Yield ``unet(x_t, t, context) -> eps`` on the private UNet copy (see the module docstring)."""
+        self._need_model()
+        linears = dict(linears or {})
+        names = set(matrix_names(list(self._modules)))
+        unknown = [n for n in linears if n not in names]
+        if unknown:
+            raise MaceError(f"linears for unknown matrices {unknown[:3]}: names must be '<block>.to_k' / '.to_v'")
+        unet = self._private_unet()
+        attn2 = {b: unet.get_submodule(b) for b in self._modules}
+        saved: list[tuple[nn.Module, str, nn.Module]] = []
+        replace: dict[tuple[str, int, int], Callable[..., Tensor]] = {}
+        if attention is not None:
+            for block in self._modules:
+                replace[comfy_block_key(block)] = self._attention_patch(block, attention)
+        device = self._device()
+
+        def unet_fn(x_t: Tensor, t: Tensor, context: Tensor) -> Tensor:
+            with torch.inference_mode(False):
+                x = x_t.to(device, torch.float32)
+                c = context.to(device, torch.float32)
+                ts = torch.as_tensor(t, device=device).float()
+                if ts.ndim == 0:
+                    ts = ts.expand(x.shape[0])
+                options: dict[str, Any] = {"patches_replace": {"attn2": replace}} if replace else {}
+                return unet(x, timesteps=ts, context=c, transformer_options=options)
+
+        try:
+            for name, fn in linears.items():
+                block, which = name.rsplit(".", 1)
+                module = attn2[block]
+                saved.append((module, which, getattr(module, which)))
+                setattr(module, which, _FnLinear(fn))
+            yield unet_fn
+        finally:
+            for module, which, original in reversed(saved):
+                setattr(module, which, original)
+
+    @staticmethod
+    def _attention_patch(block: str, attention: AttentionFn) -> Callable[..., Tensor]:
+        def patch(q: Tensor, k: Tensor, v: Tensor, extra_options: Mapping[str, Any]) -> Tensor:
+            return attention(block, q, k, v, int(extra_options["n_heads"]))
+
+        return patch
+
+    # ------------------------------------------------------------------ schedule and VAE
+    def alphas_cumprod(self) -> Tensor:
+        """ᾱ_t = 1 / (1 + σ_t²) from ComfyUI's discrete schedule, (1000,) float64."""
+        sigmas = getattr(self._need_model().get_model_object("model_sampling"), "sigmas", None)
+        if sigmas is None:
+            raise MaceError("MODEL input: the model has no discrete noise schedule; MACE needs an SD1.x eps model")
+        s = sigmas.detach().to("cpu", torch.float64)
+        return normal_tensor(1.0 / (1.0 + s * s))
+
+    def _need_vae(self) -> Any:
+        if self.vae is None:
+            raise MaceError("VAE input: this step needs the model's VAE; connect the checkpoint's VAE")
+        return self.vae
+
+    def _latent_format(self) -> Any:
+        return self._need_model().get_model_object("latent_format")
+
+    def vae_encode(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, H/8, W/8) via ComfyUI's VAE."""
+        vae = self._need_vae()
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise MaceError(f"images of shape {tuple(images.shape)}: expected (B, 3, H, W) in [-1, 1]")
+        pixels = ((images.detach().float().cpu() + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 3, 1)  # (B,H,W,3)
+        with torch.no_grad():
+            raw = vae.encode(pixels)
+            return normal_tensor(self._latent_format().process_in(raw.float().cpu()))
+
+    def vae_decode(self, latents: Tensor) -> Tensor:
+        """Scaled latents -> (B, 3, H, W) in [-1, 1] via ComfyUI's VAE."""
+        vae = self._need_vae()
+        with torch.no_grad():
+            raw = self._latent_format().process_out(latents.detach().float().cpu())
+            images = vae.decode(raw)  # (B, H, W, 3) in [0, 1]
+            if images.ndim == 5:  # some VAEs return (B, T, H, W, 3)
+                images = images.reshape(-1, *images.shape[-3:])
+            return normal_tensor(images.float().cpu().permute(0, 3, 1, 2) * 2.0 - 1.0)
+
+    def to_comfy_image(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) in [-1, 1] -> ComfyUI IMAGE (B, H, W, 3) in [0, 1]."""
+        return ((images.float().cpu() + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 3, 1).contiguous()
+
+    # ------------------------------------------------------------------ sampling
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        seed: int,
+        steps: int = 30,
+        cfg: float = 7.5,
+        height: int = 512,
+        width: int = 512,
+        attention_probe: Callable[[str, Tensor], None] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Tensor:
+        """ComfyUI's KSampler on a clone (see the module docstring); images (B, 3, H, W) in [-1, 1]."""
+        import comfy.sample
+
+        prompts = list(prompts)
+        if not prompts:
+            raise MaceError("generate: give at least one prompt")
+        if height % 8 or width % 8 or height <= 0 or width <= 0:
+            raise MaceError(f"image size {height}x{width}: height and width must be positive multiples of 8")
+        if steps < 1:
+            raise MaceError(f"steps={steps}: give at least one sampler step")
+        self._need_vae()
+        self._need_model()
+        b = len(prompts)
+        cond = self.encode(prompts)  # (B, 77, d)
+        uncond = self.encode([""])  # (1, 77, d)
+        model = self.model.clone()
+        if attention_probe is not None:
+            for block in self._modules:
+                kind, number, index = comfy_block_key(block)
+                model.set_model_attn2_replace(self._probe_patch(block, attention_probe), kind, number, index)
+        shape = (1, 4, height // 8, width // 8)
+        noise = torch.cat([comfy.sample.prepare_noise(torch.zeros(shape), seed + i) for i in range(b)])
+        latent = torch.zeros((b,) + shape[1:])
+
+        def callback(step: int, x0: Any, x: Any, total: int) -> None:
+            if progress is not None:
+                progress(step + 1, total)
+
+        with torch.no_grad():
+            samples = comfy.sample.sample(
+                model, noise, steps, cfg, self.sampler_name, self.scheduler,
+                [[cond, {}]], [[uncond, {}]], latent, seed=seed, callback=callback, disable_pbar=True,
+            )  # unscaled latents (B, 4, h, w)
+        return self.vae_decode(self._latent_format().process_in(samples.float().cpu()))
+
+    @staticmethod
+    def _probe_patch(block: str, probe: Callable[[str, Tensor], None]) -> Callable[..., Tensor]:
+        def patch(q: Tensor, k: Tensor, v: Tensor, extra_options: Mapping[str, Any]) -> Tensor:
+            order = list(extra_options.get("cond_or_uncond", [0]))
+
+            def sink(probs: Tensor) -> None:  # (B_all, heads, N, 77); chunk i is cond when order[i] == 0
+                chunks = probs.chunk(len(order))
+                cond = [c for c, kind in zip(chunks, order, strict=True) if kind == 0]
+                if cond:
+                    probe(block, torch.cat(cond))
+
+            return explicit_attention(q, k, v, int(extra_options["n_heads"]), sink=sink).to(q.dtype)
+
+        return patch
+
+
+__all__ = ["ATTACHMENT", "ComfyHost", "comfy_block_key", "effective_weight", "normal_tensor"]
