@@ -1,0 +1,154 @@
+"""The MACE nodes called in-process on ComfyUI objects (tiny model, 1-layer CLIP): fast node-level checks
+of what the server test covers end to end — save/load/apply round trip, refusal, interrupt and resume."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def nodes(comfy_lib, tmp_path_factory):
+    import folder_paths
+
+    base = tmp_path_factory.mktemp("comfy_dirs")
+    for sub in ("output", "user", "temp"):
+        (base / sub).mkdir()
+    folder_paths.set_output_directory(str(base / "output"))
+    folder_paths.set_user_directory(str(base / "user"))
+    folder_paths.set_temp_directory(str(base / "temp"))
+    if "mace_pack" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("mace_pack", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["mace_pack"] = mod
+        spec.loader.exec_module(mod)
+    return {k: cls() for k, cls in sys.modules["mace_pack"].NODE_CLASS_MAPPINGS.items()}
+
+
+def _state(patcher):
+    return {k: v.detach().clone() for k, v in patcher.model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def run(nodes, tiny_parts):
+    """Concept List -> Preservation -> Refine -> Train -> Fuse, under inference mode as ComfyUI runs nodes."""
+    model, clip, vae = tiny_parts
+    before = _state(model)
+    with torch.inference_mode():
+        (concepts,) = nodes["MaceConceptList"].build("cat -> a dog\nEiffel Tower -> a tower", "object", "a thing", "none")
+        (pres,) = nodes["MacePreservationSet"].build(clip, "none", "a photo of a house\na red car", "", "object")
+        (refined,) = nodes["MaceRefineCrossAttention"].refine(model, clip, concepts, pres, -1.0, -1.0, 0.1)
+        train_args = dict(original_model=model, refined_model=refined, clip=clip, vae=vae, concepts=concepts, steps=2,
+                          learning_rate=0.0, rank=1, seed=0, batch_size=1, images_per_concept=1, sample_steps=2,
+                          cfg=7.5, image_size=64)
+        (bank,) = nodes["MaceTrainConceptLoRA"].train(**train_args)
+        erased, erasure = nodes["MaceFuseLoRAs"].fuse(refined, clip, bank, pres, -1.0, -1.0, 0.1)
+    return dict(model=model, clip=clip, vae=vae, concepts=concepts, pres=pres, refined=refined, bank=bank,
+                erased=erased, erasure=erasure, before=before, train_args=train_args)
+
+
+def test_input_model_untouched_and_outputs_are_clones(run):
+    assert run["refined"] is not run["model"] and run["erased"] is not run["model"]
+    after = _state(run["model"])
+    assert all(torch.equal(run["before"][k], after[k]) for k in after)
+
+
+def test_save_load_apply_round_trip(nodes, run):
+    import folder_paths
+
+    from mace_ops.hosts.comfy import ComfyHost
+
+    with torch.inference_mode():
+        ui = nodes["MaceSaveErasure"].save(run["erasure"], "mace/inproc")
+        ui2 = nodes["MaceSaveErasure"].save(run["erasure"], "mace/inproc")
+        rel = ui["ui"]["text"][0]
+        assert rel != ui2["ui"]["text"][0]  # a second save never overwrites the first
+        assert (Path(folder_paths.get_output_directory()) / rel).is_file()
+        choice = "output/" + rel.replace("\\", "/")
+        assert choice in nodes["MaceLoadErasure"].INPUT_TYPES()["required"]["erasure_file"][0]
+        (loaded,) = nodes["MaceLoadErasure"].load(choice)
+        (applied,) = nodes["MaceApplyErasure"].apply(run["model"], loaded, 1.0)
+        (half,) = nodes["MaceApplyErasure"].apply(run["model"], loaded, 0.5)
+    w_erased = ComfyHost(run["erased"]).cross_attention_weights()
+    w_applied = ComfyHost(applied).cross_attention_weights()
+    w_half = ComfyHost(half).cross_attention_weights()
+    w0 = ComfyHost(run["model"]).cross_attention_weights()
+    for n, w in w_erased.items():
+        torch.testing.assert_close(w_applied[n], w, rtol=0, atol=1e-6)
+        torch.testing.assert_close(w_half[n], (w0[n] + w) / 2, rtol=0, atol=1e-6)
+    assert any(not torch.equal(w_erased[n], w0[n]) for n in w0)
+
+
+def test_apply_refuses_another_base_model(nodes, run, other_tiny_model):
+    from mace_ops.errors import MaceError
+    from mace_ops.hosts.comfy import ComfyHost
+
+    other = other_tiny_model()
+    with torch.inference_mode():
+        mine = ComfyHost(other).model_fingerprint()
+        with pytest.raises(MaceError) as err:
+            nodes["MaceApplyErasure"].apply(other, run["erasure"], 1.0)
+    msg = str(err.value)
+    assert msg.startswith("model input") and mine in msg and run["erasure"].erasure.base_fingerprint in msg
+
+
+def test_wrong_sockets_and_other_models_are_named(nodes, run, other_tiny_model):
+    from mace_ops.errors import MaceError
+
+    with torch.inference_mode():
+        with pytest.raises(MaceError, match="concepts input"):
+            nodes["MaceRefineCrossAttention"].refine(run["model"], run["clip"], "cat", run["pres"], -1.0, -1.0, 0.1)
+        with pytest.raises(MaceError, match="refined_model input"):
+            args = dict(run["train_args"], original_model=run["model"], refined_model=other_tiny_model())
+            nodes["MaceTrainConceptLoRA"].train(**args)
+        with pytest.raises(MaceError, match="refined_model input"):
+            nodes["MaceFuseLoRAs"].fuse(other_tiny_model(), run["clip"], run["bank"], run["pres"], -1.0, -1.0, 0.1)
+
+
+def test_apply_to_an_erased_model_does_not_erase_twice(nodes, run):
+    from mace_ops.hosts.comfy import ComfyHost
+
+    with torch.inference_mode():
+        (again,) = nodes["MaceApplyErasure"].apply(run["erased"], run["erasure"], 1.0)
+    w_erased = ComfyHost(run["erased"]).cross_attention_weights()
+    for n, w in ComfyHost(again).cross_attention_weights().items():
+        torch.testing.assert_close(w, w_erased[n], rtol=0, atol=1e-6)
+
+
+def test_train_honours_interrupt_and_resumes_from_cache(nodes, run):
+    import comfy.model_management
+
+    args = dict(run["train_args"], seed=7)
+    with torch.inference_mode():
+        comfy.model_management.interrupt_current_processing(True)
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            nodes["MaceTrainConceptLoRA"].train(**args)
+        comfy.model_management.interrupt_current_processing(False)
+        (first,) = nodes["MaceTrainConceptLoRA"].train(**args)
+        (again,) = nodes["MaceTrainConceptLoRA"].train(**args)  # a re-queue: every concept comes from the cache
+    for name in first.bank.names:
+        assert torch.equal(first.bank.up(name), again.bank.up(name))
+        assert torch.equal(first.bank.down(name), again.bank.down(name))
+    assert first.losses == again.losses
+
+
+def test_train_with_user_images_and_masks(nodes, run):
+    from mace_ops.errors import MaceError
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 66, 70, 3, generator=g)  # ComfyUI IMAGE, not a multiple of 8: cropped to 64x64
+    masks = torch.zeros(2, 66, 70)
+    masks[:, 8:40, 8:40] = 1.0
+    args = dict(run["train_args"], seed=11, images=images, masks=masks, images_for="Eiffel Tower")
+    with torch.inference_mode():
+        (bank,) = nodes["MaceTrainConceptLoRA"].train(**args)
+        with pytest.raises(MaceError, match="images_for input"):
+            nodes["MaceTrainConceptLoRA"].train(**dict(args, images_for="not a concept"))
+    assert set(bank.losses) == {"cat", "Eiffel Tower"}
+    assert all(len(v) == 2 and all(x == x for x in v) for v in bank.losses.values())
