@@ -14,6 +14,9 @@ if importlib.util.find_spec("mace_ops") is None:  # pragma: no cover - depends o
     sys.path.append(os.path.dirname(os.path.abspath(__file__)))
 
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+from .nodes import web_api as _web_api  # noqa: E402
+
+_web_api.register_routes()  # the web extension's routes; does nothing without ComfyUI's server
 
 WEB_DIRECTORY = "web"
 

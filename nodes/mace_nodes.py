@@ -275,6 +275,7 @@ class MaceTrainConceptLoRA:
         from mace_ops.train import train_concept_loras
 
         from .host import Progress, cache_dir, check_interrupt
+        from .web_api import TrainProgressEvents, tee
 
         cv = _need(concepts, ConceptsValue, "concepts", "MACE Concept List")
         original = ComfyHost(original_model, clip, vae)
@@ -297,14 +298,17 @@ class MaceTrainConceptLoRA:
             "data": n_generated * images_per_concept * sample_steps,
             "train": train_cfg.steps * len(cv.concepts),
         })
+        events = TrainProgressEvents([c.phrase for c in cv.concepts], train_cfg.steps)  # for the web panel
         data = generate_training_data(
             original, cv.concepts, n_images=int(images_per_concept), seed=int(seed), steps=int(sample_steps),
             cfg=float(cfg), size=int(image_size), user_images=user_images, user_masks=user_masks,
-            cache_dir=cache_dir("data"), progress=progress.stage("data"), check_interrupt=check_interrupt,
+            cache_dir=cache_dir("data"), progress=tee(progress.stage("data"), events.data),
+            check_interrupt=check_interrupt,
         )
         bank, losses = train_concept_loras(
             refined, data, train_cfg, base_weights=refined.cross_attention_weights(),
-            progress=progress.stage("train"), check_interrupt=check_interrupt, cache_dir=cache_dir("loras"),
+            progress=tee(progress.stage("train"), events.train), check_interrupt=check_interrupt,
+            cache_dir=cache_dir("loras"),
         )
         return (BankValue(bank, list(cv.concepts), losses, original.model_fingerprint(), train_cfg, cv.settings),)
 
