@@ -27,7 +27,8 @@ _PRESET_NOTE = " -1 uses the value of the concept list's preset (or the 100-cele
 
 
 def _float(default: float, lo: float, hi: float, step: float, tooltip: str) -> tuple[str, dict[str, Any]]:
-    return ("FLOAT", {"default": default, "min": lo, "max": hi, "step": step, "tooltip": tooltip})
+    # round=False: weights span 1e-5 .. 1e4 (e.g. explicit content's 2.3e-5), never round them to the step.
+    return ("FLOAT", {"default": default, "min": lo, "max": hi, "step": step, "round": False, "tooltip": tooltip})
 
 
 def _int(default: int, lo: int, hi: int, tooltip: str, step: int = 1) -> tuple[str, dict[str, Any]]:
