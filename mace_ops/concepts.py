@@ -30,7 +30,7 @@ from importlib import resources
 from typing import Any
 
 from .errors import MaceError
-from .tokens import MAX_LENGTH, TokenIds, prompt_fits, unpadded_length
+from .tokens import END_ID, MAX_LENGTH, TokenIds, unpadded_length
 
 KINDS = ("object", "style")
 ARROW = "->"
@@ -218,13 +218,16 @@ def parse_concept_list(
         )
     if token_ids is not None and concepts:
         longest = _longest_template(templates_for(kind), token_ids)
-        for c, n in zip(concepts, lines_of, strict=True):
-            for role, words in (("phrase", c.phrase), ("anchor", c.anchor)):
-                if not prompt_fits(longest.format(words), token_ids):
-                    errors.append(
-                        f"concept list line {n}: {role} {words!r} is too long: the prompt "
-                        f"{longest.format(words)!r} exceeds {MAX_LENGTH} tokens; shorten it"
-                    )
+        checks = [(n, role, words) for c, n in zip(concepts, lines_of, strict=True)
+                  for role, words in (("phrase", c.phrase), ("anchor", c.anchor))]
+        # one tokenizer call for all prompts (thousands of concepts), same rule as ``prompt_fits``
+        rows = token_ids([longest.format(words) for _, _, words in checks])
+        for (n, role, words), ids in zip(checks, rows, strict=True):
+            if not (END_ID in ids and unpadded_length(ids) < MAX_LENGTH):
+                errors.append(
+                    f"concept list line {n}: {role} {words!r} is too long: the prompt "
+                    f"{longest.format(words)!r} exceeds {MAX_LENGTH} tokens; shorten it"
+                )
     if errors:
         raise MaceError("\n".join(errors))
     return concepts

@@ -315,7 +315,10 @@ def load_erasure(
                         "apply it to the model it was made for")
     diffs: dict[str, Tensor] = {}
     for key, t in tensors.items():
-        name = matrix_name(key)
+        try:
+            name = matrix_name(key)
+        except MaceError as e:
+            raise MaceError(f"{where}: {e}; the file is corrupt or not an erasure file") from None
         if t.ndim != 2 or not t.is_floating_point():
             raise MaceError(f"{where}: {key!r} is not a 2-D float matrix; the file is corrupt")
         if name in shapes and list(t.shape) != list(shapes[name]):
@@ -325,7 +328,10 @@ def load_erasure(
         diffs[name] = t.float()
     weights: dict[str, Tensor] = {}
     if original_weights is not None:
-        full = apply_erasure_weights(original_weights, diffs, 1.0)
+        try:
+            full = apply_erasure_weights(original_weights, diffs, 1.0)
+        except MaceError as e:
+            raise MaceError(f"{where}: {e}") from None
         weights = {n: full[n].float() for n in diffs}
     erasure = Erasure(weights=weights, base_fingerprint=fingerprint, concepts=_to_concepts(concepts),
                       metadata=settings)

@@ -218,9 +218,20 @@ def load_bank(
         raise MaceError(
             f"{str(path)!r}: format {meta.get('format')!r}, expected {BANK_FORMAT!r}: not a MACE LoRA bank"
         )
-    names: list[str] = meta["names"]
-    shapes = {n: (int(meta["shapes"][n][0]), int(meta["shapes"][n][1])) for n in names}  # in names order
-    rank = int(meta["rank"])
+    try:
+        names: list[str] = [str(n) for n in meta["names"]]
+        shapes = {n: (int(meta["shapes"][n][0]), int(meta["shapes"][n][1])) for n in names}  # in names order
+        rank = int(meta["rank"])
+        concepts = [str(c) for c in meta["concepts"]]
+        seed, scale = int(meta.get("seed", 0)), float(meta.get("scale", 1.0))
+        if rank < 1 or min((min(s) for s in shapes.values()), default=1) < 1:
+            raise ValueError(f"rank {rank} or a matrix shape is not positive")
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise MaceError(f"LoRA bank {str(path)!r}: its metadata is incomplete or corrupt ({e!r}); re-save it") from e
+    absent = [k for n in names for k in (f"{n}.down", f"{n}.up") if k not in tensors]
+    if absent:
+        raise MaceError(f"LoRA bank {str(path)!r} lacks the tensor {absent[0]!r} its metadata lists: the file is "
+                        "corrupt; re-save it")
     if expected_fingerprint is not None and meta.get("fingerprint") != expected_fingerprint:
         raise MaceError(
             f"LoRA bank {str(path)!r} was trained on base model {meta.get('fingerprint')!r} but this model is "
@@ -238,7 +249,7 @@ def load_bank(
                 f"bank but {want.get(n0)} in the model ({len(diff)} matrices differ); use a bank trained on "
                 "this model"
             )
-    bank = LoRABank(shapes, meta["concepts"], rank, seed=int(meta.get("seed", 0)), scale=float(meta.get("scale", 1.0)))
+    bank = LoRABank(shapes, concepts, rank, seed=seed, scale=scale)
     with torch.no_grad():
         for i, name in enumerate(names):
             down, up = tensors[f"{name}.down"], tensors[f"{name}.up"]

@@ -33,7 +33,7 @@ from .hosts.base import Host
 from .lora import LoRABank
 from .preservation import cached_preservation_moments, default_corpus, preservation_moments
 from .statistics import SecondMoment
-from .tokens import align_prompt_pair
+from .tokens import END_ID, align_prompt_pair, unpadded_length
 from .train import TrainConfig
 
 #: progress(stage, done, total, info) — stage in {"preservation", "refine", "data", "train", "fuse"}
@@ -165,6 +165,19 @@ def preservation_statistics(
     return PreservationStatistics(moments(prompts, "general"), moments(list(retained), "retained"))
 
 
+def _check_prompt_lengths(
+    concept: Concept, role: str, prompts: Sequence[str], ids: Sequence[Sequence[int]], limit: int
+) -> None:
+    """Refuse a concept whose phrase or anchor prompt would be truncated (its end token must come before the
+    last of the ``limit`` positions, as in ``tokens.prompt_fits``)."""
+    for prompt, row in zip(prompts, ids, strict=True):
+        if END_ID not in row or unpadded_length(row) >= limit:
+            raise MaceError(
+                f"concept {concept.phrase!r} -> {concept.anchor!r}: the prompt {prompt!r} exceeds {limit} tokens; "
+                f"shorten the {role}"
+            )
+
+
 def concept_pair_moments(
     host: Host,
     concepts: Sequence[Concept],
@@ -180,8 +193,10 @@ def concept_pair_moments(
         check()
         pairs = concept_prompt_pairs(concept)
         f_prompts, g_prompts = [p for p, _ in pairs], [a for _, a in pairs]
-        e_f, e_g = host.encode(f_prompts), host.encode(g_prompts)  # (n, 77, d) each
         ids_f, ids_g = host.token_ids(f_prompts), host.token_ids(g_prompts)
+        _check_prompt_lengths(concept, "phrase", f_prompts, ids_f, host.max_length)
+        _check_prompt_lengths(concept, "anchor", g_prompts, ids_g, host.max_length)
+        e_f, e_g = host.encode(f_prompts), host.encode(g_prompts)  # (n, 77, d) each
         rows_f, rows_g = [], []
         for j in range(len(pairs)):
             pf, pg = align_prompt_pair(ids_f[j], ids_g[j])

@@ -187,12 +187,15 @@ def _load_cached(path: Path, key: str, names: Sequence[str]) -> tuple[dict[str, 
     """A finished concept's factors and losses, or None when absent / written for another key."""
     if not path.is_file():
         return None
-    tensors, raw = read_safetensors(path, "LoRA cache file")
-    meta = {k: json.loads(v) for k, v in raw.items()}
-    if meta.get("key") != key:
+    try:  # a damaged or foreign file (never unpickled) is a miss: the concept is trained again, file replaced
+        tensors, raw = read_safetensors(path, "LoRA cache file")
+        meta = {k: json.loads(v) for k, v in raw.items()}
+        if meta.get("key") != key:
+            return None
+        factors = {n: (tensors[f"{n}.up"], tensors[f"{n}.down"]) for n in names}
+        return factors, [float(x) for x in meta.get("losses", [])]
+    except (MaceError, KeyError, TypeError, ValueError):
         return None
-    factors = {n: (tensors[f"{n}.up"], tensors[f"{n}.down"]) for n in names}
-    return factors, [float(x) for x in meta.get("losses", [])]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -266,8 +269,8 @@ def train_concept_loras(
     the CFR weights via ``host.with_weights``). ``progress(step, total, phrase, loss)``: after each
     concept's optimiser step; ``step`` counts concept-steps over the whole run (resumed concepts count
     as done), ``total = steps × number of concepts``. ``check_interrupt()``: called after each
-    optimiser step; whatever it raises propagates (as does KeyboardInterrupt), leaving the finished
-    concepts' files in ``cache_dir``.
+    optimiser step (after a batch's last step only once its concepts are saved); whatever it raises
+    propagates (as does KeyboardInterrupt), leaving the finished concepts' files in ``cache_dir``.
     With ``cache_dir``, each finished concept is saved there (keyed by concept, config, base weights,
     model fingerprint and training data) and a rerun trains only the missing ones.
     A concept whose loss or gradient becomes NaN/Inf stops; the others go on, are cached, and at the
@@ -401,7 +404,7 @@ def _train_group(
     bs = config.batch_size
     n_t = alphas.shape[0]
 
-    for _ in range(config.steps):
+    for step in range(config.steps):
         if not active:
             break
         x0s, ms, ts, eps_s = [], [], [], []
@@ -463,7 +466,7 @@ def _train_group(
             if progress is not None:
                 progress(done_steps, total, states[c].phrase, values[j])
         active = [c for _, c in still]
-        if check_interrupt is not None:
+        if check_interrupt is not None and step < config.steps - 1:  # after the last step: save first
             check_interrupt()
 
     for c in active:
@@ -477,6 +480,8 @@ def _train_group(
                 factors,
                 {"key": s.key, "concept": s.phrase, "losses": losses[s.phrase]},
             )
+    if check_interrupt is not None:
+        check_interrupt()
     return done_steps
 
 

@@ -167,6 +167,7 @@ class DiffusersHost:
             alphas_cumprod = self._schedule_alphas()
         self._alphas = alphas_cumprod.detach().to("cpu", torch.float64).clone()
         self._modules_by_name = self._find_blocks(unet)  # LDM name -> attn2 module, forward order
+        self._check_context_width()
         self._weights: dict[str, Tensor] = {}  # overrides of to_k / to_v
         self._shared: dict[str, Any] = {}  # cached fingerprints, shared with with_weights copies
 
@@ -193,6 +194,9 @@ class DiffusersHost:
         for sub in ("unet", "text_encoder", "vae"):
             if not os.path.isdir(os.path.join(root, sub)):
                 raise MaceError(f"diffusers folder {root} has no {sub}/ subfolder; give an SD1.x diffusers folder")
+            if not any(f.endswith(".safetensors") for f in os.listdir(os.path.join(root, sub))):
+                raise MaceError(f"diffusers folder {root}: {sub}/ has no .safetensors weights (.bin/.ckpt pickles are "
+                                "refused and never unpickled); convert the weights to safetensors")
         opts = {"local_files_only": True, "use_safetensors": True}
         unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", **opts)
         text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **opts)
@@ -229,6 +233,17 @@ class DiffusersHost:
             _check_sd1_attention(ldm, module)
             blocks[ldm] = module
         return blocks
+
+    def _check_context_width(self) -> None:
+        """Every cross-attention block must read the text encoder's token width (SD1.x: 768)."""
+        width = getattr(getattr(self.text_encoder, "config", None), "hidden_size", None)
+        for name, m in self._modules_by_name.items():
+            d_ctx = int(m.to_k.weight.shape[1])
+            if width is not None and d_ctx != int(width):
+                raise MaceError(
+                    f"cross-attention {name} reads {d_ctx}-d context but the text encoder gives {width}-d "
+                    "token states: the UNet and text encoder do not belong together; give an SD1.x model"
+                )
 
     def with_weights(self, weights: Mapping[str, Tensor]) -> DiffusersHost:
         """A new host sharing the modules whose to_k/to_v are ``weights`` (missing names keep this host's)."""

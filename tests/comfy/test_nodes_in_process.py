@@ -152,3 +152,34 @@ def test_train_with_user_images_and_masks(nodes, run):
             nodes["MaceTrainConceptLoRA"].train(**dict(args, images_for="not a concept"))
     assert set(bank.losses) == {"cat", "Eiffel Tower"}
     assert all(len(v) == 2 and all(x == x for x in v) for v in bank.losses.values())
+
+
+def test_two_graphs_on_the_same_model_never_leak(nodes, run):
+    """Two graphs in one queue share the input MODEL: one applies the erasure at strength 1, the other at
+    0.5, a third uses the MODEL as is. ComfyUI loads each in turn, patching the shared UNet module in
+    place: each sees exactly its own weights, MACE reading the plain MODEL meanwhile gets the original
+    weights, and loading the plain MODEL again restores the module bit for bit."""
+    import comfy.model_management
+
+    from mace_ops.hosts.comfy import ComfyHost
+
+    model = run["model"]
+    with torch.inference_mode():
+        (a,) = nodes["MaceApplyErasure"].apply(model, run["erasure"], 1.0)
+        (b,) = nodes["MaceApplyErasure"].apply(model, run["erasure"], 0.5)
+    w0 = ComfyHost(model).cross_attention_weights()
+    expected = {"a": ComfyHost(a).cross_attention_weights(), "b": ComfyHost(b).cross_attention_weights(), "model": w0}
+    patchers = {"a": a, "b": b, "model": model}
+    assert any(not torch.equal(expected["a"][n], w0[n]) for n in w0)
+
+    for key in ("a", "b", "model", "b", "a", "model"):
+        with torch.inference_mode():
+            comfy.model_management.load_models_gpu([patchers[key]])
+        module = patchers[key].model.diffusion_model
+        for n, w in expected[key].items():  # what ComfyUI's sampler would compute with
+            torch.testing.assert_close(module.get_submodule(n).weight.detach().float().cpu(), w, rtol=0, atol=1e-6)
+        # the other graph, reading the same MODEL while this one is loaded, sees the original weights
+        for n, w in ComfyHost(model).cross_attention_weights().items():
+            assert torch.equal(w, w0[n])
+    after = _state(model)
+    assert all(torch.equal(run["before"][k], after[k]) for k in after)
