@@ -301,11 +301,11 @@ def load_erasure(
                         "give a file written by MACE's save")
     try:
         version = int(meta.get("mace.format_version", "0"))
-        concepts = json.loads(meta.get("mace.concepts", "[]"))
+        concepts = _to_concepts(json.loads(meta.get("mace.concepts", "[]")))
         settings = json.loads(meta.get("mace.settings", "{}"))
-        shapes = json.loads(meta.get("mace.matrices", "{}"))
-    except ValueError as e:
-        raise MaceError(f"{where} has corrupt metadata ({e}); re-save it") from e
+        shapes = dict(json.loads(meta.get("mace.matrices", "{}")))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise MaceError(f"{where} has corrupt metadata ({type(e).__name__}: {e}); re-save it") from e
     if version > ERASURE_FORMAT_VERSION:
         raise MaceError(f"{where} has format version {version}, newer than this MACE ({ERASURE_FORMAT_VERSION}); "
                         "update comfyui-mace")
@@ -333,8 +333,7 @@ def load_erasure(
         except MaceError as e:
             raise MaceError(f"{where}: {e}") from None
         weights = {n: full[n].float() for n in diffs}
-    erasure = Erasure(weights=weights, base_fingerprint=fingerprint, concepts=_to_concepts(concepts),
-                      metadata=settings)
+    erasure = Erasure(weights=weights, base_fingerprint=fingerprint, concepts=concepts, metadata=settings)
     return erasure, diffs
 
 

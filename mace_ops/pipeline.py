@@ -189,14 +189,18 @@ def concept_pair_moments(
     ``C = Σ e_g e_fᵀ`` (cross) and ``G = Σ e_f e_fᵀ`` (gram), streamed one concept at a time."""
     emit, check = progress or _no_progress, check_interrupt or _no_interrupt
     cross = gram = None
+    anchors: dict[tuple[str, ...], tuple[Tensor, list[list[int]]]] = {}  # anchor prompts -> (E_g, ids)
     for i, concept in enumerate(concepts):
         check()
         pairs = concept_prompt_pairs(concept)
-        f_prompts, g_prompts = [p for p, _ in pairs], [a for _, a in pairs]
-        ids_f, ids_g = host.token_ids(f_prompts), host.token_ids(g_prompts)
+        f_prompts, g_prompts = [p for p, _ in pairs], tuple(a for _, a in pairs)
+        ids_f = host.token_ids(f_prompts)
         _check_prompt_lengths(concept, "phrase", f_prompts, ids_f, host.max_length)
-        _check_prompt_lengths(concept, "anchor", g_prompts, ids_g, host.max_length)
-        e_f, e_g = host.encode(f_prompts), host.encode(g_prompts)  # (n, 77, d) each
+        if g_prompts not in anchors:  # many concepts share an anchor ("a person"): encode its prompts once
+            ids_g = host.token_ids(g_prompts)
+            _check_prompt_lengths(concept, "anchor", g_prompts, ids_g, host.max_length)
+            anchors[g_prompts] = (host.encode(g_prompts), ids_g)
+        e_f, (e_g, ids_g) = host.encode(f_prompts), anchors[g_prompts]  # (n, 77, d) each
         rows_f, rows_g = [], []
         for j in range(len(pairs)):
             pf, pg = align_prompt_pair(ids_f[j], ids_g[j])

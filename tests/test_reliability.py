@@ -194,7 +194,7 @@ def test_many_concepts_stream_through_refine_and_fuse():
     seen = []
     cross, gram = concept_pair_moments(host, concepts[:1000], progress=lambda s, d, t, info: seen.append(d))
     assert seen == list(range(1, 1001))
-    assert len(host.batches) == 2 * 1000 and max(host.batches) == 30
+    assert len(host.batches) == 1000 + 1 and max(host.batches) == 30  # concepts, and their one shared anchor
     # per pair: 77 positions minus the 3-token phrase span, the shorter side has 1 padding position less
     # to pair, and the 2-token anchor span takes the place of 2 of them: 77 - 3 = 74 aligned positions
     assert cross.count == gram.count == 1000 * 30 * 74 and cross.sum.shape == (8, 8)
