@@ -123,6 +123,20 @@ class Host(Protocol):
         ...
 
 
+def check_generate_args(prompts: Sequence[str], *, steps: int, height: int, width: int) -> list[str]:
+    """The checks every host's ``generate`` makes on its arguments; returns the prompts as a list."""
+    from ..errors import MaceError
+
+    prompts = list(prompts)
+    if not prompts:
+        raise MaceError("generate: give at least one prompt")
+    if height % 8 or width % 8 or height <= 0 or width <= 0:
+        raise MaceError(f"image size {height}x{width}: height and width must be positive multiples of 8")
+    if steps < 1:
+        raise MaceError(f"steps={steps}: give at least one sampler step")
+    return prompts
+
+
 def sd1_block_names() -> list[str]:
     """The 16 cross-attention block names of SD1.x in forward order."""
     ins = [f"input_blocks.{i}.1.transformer_blocks.0.attn2" for i in (1, 2, 4, 5, 7, 8)]
@@ -142,6 +156,7 @@ __all__ = [
     "Host",
     "LinearFn",
     "UNetFn",
+    "check_generate_args",
     "matrix_names",
     "sd1_block_names",
 ]

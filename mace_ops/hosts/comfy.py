@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from ..attention import explicit_attention
 from ..errors import MaceError
-from .base import AttentionFn, CrossAttentionBlock, LinearFn, UNetFn, matrix_names
+from .base import AttentionFn, CrossAttentionBlock, LinearFn, UNetFn, check_generate_args, matrix_names
 from .diffusers import weights_fingerprint
 
 UNET_PREFIX = "diffusion_model."
@@ -430,13 +430,7 @@ class ComfyHost:
         """ComfyUI's KSampler on a clone (see the module docstring); images (B, 3, H, W) in [-1, 1]."""
         import comfy.sample
 
-        prompts = list(prompts)
-        if not prompts:
-            raise MaceError("generate: give at least one prompt")
-        if height % 8 or width % 8 or height <= 0 or width <= 0:
-            raise MaceError(f"image size {height}x{width}: height and width must be positive multiples of 8")
-        if steps < 1:
-            raise MaceError(f"steps={steps}: give at least one sampler step")
+        prompts = check_generate_args(prompts, steps=steps, height=height, width=width)
         self._need_vae()
         self._need_model()
         b = len(prompts)

@@ -35,7 +35,7 @@ from ..attention import explicit_attention, sdpa_attention
 from ..errors import MaceError
 from ..tiny import SD1_SCALING_FACTOR, build_tiny_sd, ldm_cross_attention_names, sd1_alphas_cumprod
 from ..tokens import MAX_LENGTH, load_sd1_tokenizer, sd1_token_ids
-from .base import AttentionFn, CrossAttentionBlock, LinearFn, UNetFn
+from .base import AttentionFn, CrossAttentionBlock, LinearFn, UNetFn, check_generate_args
 
 #: SD1.x's sampler settings (scheduler_config.json of the SD1.x pipelines), for DDIMScheduler.from_config
 SD1_SCHEDULER_CONFIG: dict[str, Any] = {
@@ -380,13 +380,7 @@ class DiffusersHost:
         """DDIM + classifier-free guidance (see the module docstring); images (B,3,H,W) in [-1, 1]."""
         from diffusers import DDIMScheduler
 
-        prompts = list(prompts)
-        if not prompts:
-            raise MaceError("generate: give at least one prompt")
-        if height % 8 or width % 8 or height <= 0 or width <= 0:
-            raise MaceError(f"image size {height}x{width}: height and width must be positive multiples of 8")
-        if steps < 1:
-            raise MaceError(f"steps={steps}: give at least one sampler step")
+        prompts = check_generate_args(prompts, steps=steps, height=height, width=width)
         b = len(prompts)
         guided = cfg != 1.0
         cond = self.encode(prompts)  # (B, 77, d)
