@@ -98,11 +98,16 @@ class LoRABank(nn.Module):
         return self.ups[self.names.index(name)]
 
     def banked_linears(
-        self, base_weights: Mapping[str, Tensor], sample_concepts: Tensor
+        self,
+        base_weights: Mapping[str, Tensor],
+        sample_concepts: Tensor,
+        base_outputs: Mapping[str, Tensor] | None = None,
     ) -> dict[str, LinearFn]:
         """``{name: ctx (B,L,d_ctx) -> W ctx + scale·up_c(down_c ctx)}`` with ``c = sample_concepts[b]``.
 
         ``sample_concepts`` (B,) long: the bank row used by each sample of the batch.
+        ``base_outputs``: ``{name: W ctx}`` (B, L, d_out) already computed for the very contexts the
+        host will pass (training reuses each concept's fixed prompt every step); skips that product.
         """
         idx = torch.as_tensor(sample_concepts, dtype=torch.long)
         if idx.ndim != 1:
@@ -116,10 +121,13 @@ class LoRABank(nn.Module):
             raise MaceError(f"base weights lack the matrices {missing[:3]}...: pass all {len(self.names)}")
         fns: dict[str, LinearFn] = {}
         for i, name in enumerate(self.names):
-            fns[name] = self._linear(base_weights[name], self.downs[i], self.ups[i], idx, name)
+            fixed = None if base_outputs is None else base_outputs[name]
+            fns[name] = self._linear(base_weights[name], self.downs[i], self.ups[i], idx, name, fixed)
         return fns
 
-    def _linear(self, weight: Tensor, down: Tensor, up: Tensor, idx: Tensor, name: str) -> LinearFn:
+    def _linear(
+        self, weight: Tensor, down: Tensor, up: Tensor, idx: Tensor, name: str, fixed: Tensor | None
+    ) -> LinearFn:
         scale = self.scale
 
         def linear(ctx: Tensor) -> Tensor:  # ctx (B, L, d_ctx) -> (B, L, d_out)
@@ -131,7 +139,11 @@ class LoRABank(nn.Module):
             u = up.index_select(0, idx.to(up.device)).to(ctx.dtype)  # (B, d_out, r)
             low = torch.bmm(ctx, d.transpose(1, 2))  # (B, L, r)
             delta = torch.bmm(low, u.transpose(1, 2))  # (B, L, d_out)
-            return F.linear(ctx, weight.to(ctx.device, ctx.dtype)) + scale * delta
+            if fixed is None:
+                return F.linear(ctx, weight.to(ctx.device, ctx.dtype)) + scale * delta
+            if fixed.shape != delta.shape:
+                raise MaceError(f"{name}: base outputs of shape {tuple(fixed.shape)} for a batch of {tuple(delta.shape)}")
+            return fixed + scale * delta
 
         return linear
 

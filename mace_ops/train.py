@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import explicit_attention, layer_hw, resize_mask
@@ -243,6 +244,15 @@ class _ConceptState:
     positions: Tensor  # (77,) bool
     generator: torch.Generator  # CPU; sample index, t and ε come from it, in that order
     key: str = ""
+    base_kv: dict[str, Tensor] | None = None  # name -> W·context (1, 77, d_out): fixed, computed once
+
+
+def _base_kv(state: _ConceptState, base: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``W · context`` of every matrix for the concept's fixed prompt, computed once and kept."""
+    if state.base_kv is None:
+        with torch.no_grad():
+            state.base_kv = {n: F.linear(state.context, w.to(state.context)) for n, w in base.items()}
+    return state.base_kv
 
 
 def _concept_of(item: Any) -> Concept:
@@ -428,7 +438,10 @@ def _train_group(
         sample_rows = torch.tensor([c for c in active for _ in range(bs)], dtype=torch.long, device=device)
 
         loss_sink = AttentionLossSink(masks, positions, squared=config.squared_loss)
-        with host.instrument(linears=bank.banked_linears(base, sample_rows), attention=loss_sink.attention) as unet:
+        base_kv = {name: torch.cat([_base_kv(states[c], base)[name].expand(bs, -1, -1) for c in active])
+                   for name in base}  # (B, 77, d_out): the frozen projection of each concept's fixed prompt
+        linears = bank.banked_linears(base, sample_rows, base_kv)
+        with host.instrument(linears=linears, attention=loss_sink.attention) as unet:
             unet(x_t, t.to(device), context)
         per_sample = loss_sink.total()  # (B,)
         per_concept = per_sample.view(len(active), bs).mean(1)  # (A,)

@@ -63,6 +63,25 @@ def test_banked_linears_match_dense_per_sample_weights():
             torch.testing.assert_close(out[b].double(), want, rtol=1e-5, atol=1e-5)
 
 
+def test_banked_linears_with_precomputed_base_outputs_match_dense_weights():
+    """Training passes ``W ctx`` computed once; the result must still be the dense per-sample product."""
+    bank, base = _bank(), _base()
+    with torch.no_grad():
+        for up in bank.ups:
+            up.normal_()
+    rows = torch.tensor([1, 2, 0])
+    ctx = torch.randn(3, 7, 12)
+    fixed = {n: ctx @ w.T for n, w in base.items()}
+    fns = bank.banked_linears(base, rows, fixed)
+    for name in SHAPES:
+        i = bank.names.index(name)
+        for b, c in enumerate(rows.tolist()):
+            dense = base[name].double() + bank.ups[i][c].double() @ bank.downs[i][c].double()
+            torch.testing.assert_close(fns[name](ctx)[b].double(), ctx[b].double() @ dense.T, rtol=1e-5, atol=1e-5)
+    with pytest.raises(MaceError, match="base outputs"):
+        bank.banked_linears(base, rows[:2], fixed)["a.attn2.to_k"](ctx[:2])
+
+
 def test_banked_gradient_reaches_only_the_samples_concepts():
     bank, base = _bank(), _base()
     rows = torch.tensor([0, 2])
