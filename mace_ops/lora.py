@@ -45,6 +45,26 @@ def seed_from(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+class _SharedDown:
+    """``down_c · ctx`` of every matrix at once: the host projects the same context through all 32
+    to_k/to_v, so one (B, L, d_ctx) × (B, d_ctx, Σr) product replaces 32 rank-r ones (forward and
+    backward). Kept for the last context seen; a different context is projected again."""
+
+    def __init__(self, downs: Sequence[Tensor], idx: Tensor) -> None:
+        self.downs, self.idx = downs, idx
+        self.ranks = [d.shape[1] for d in downs]
+        self.starts = [sum(self.ranks[:i]) for i in range(len(downs))]
+        self._ctx: Tensor | None = None
+        self._low: Tensor | None = None
+
+    def low(self, ctx: Tensor, i: int) -> Tensor:  # -> (B, L, r_i)
+        if self._ctx is not ctx:
+            idx = self.idx.to(ctx.device)
+            d = torch.cat([down.index_select(0, idx) for down in self.downs], dim=1).to(ctx.dtype)  # (B, Σr, d_ctx)
+            self._ctx, self._low = ctx, torch.bmm(ctx, d.transpose(1, 2))  # (B, L, Σr)
+        return self._low[..., self.starts[i] : self.starts[i] + self.ranks[i]]
+
+
 class LoRABank(nn.Module):
     """Rank-r LoRA factors for ``C`` concepts on each named matrix, stored batched."""
 
@@ -119,14 +139,15 @@ class LoRABank(nn.Module):
         missing = [n for n in self.names if n not in base_weights]
         if missing:
             raise MaceError(f"base weights lack the matrices {missing[:3]}...: pass all {len(self.names)}")
+        shared = _SharedDown(self.downs, idx)  # every matrix's down_c·ctx in one product per context
         fns: dict[str, LinearFn] = {}
         for i, name in enumerate(self.names):
             fixed = None if base_outputs is None else base_outputs[name]
-            fns[name] = self._linear(base_weights[name], self.downs[i], self.ups[i], idx, name, fixed)
+            fns[name] = self._linear(base_weights[name], shared, i, self.ups[i], idx, name, fixed)
         return fns
 
     def _linear(
-        self, weight: Tensor, down: Tensor, up: Tensor, idx: Tensor, name: str, fixed: Tensor | None
+        self, weight: Tensor, shared: _SharedDown, i: int, up: Tensor, idx: Tensor, name: str, fixed: Tensor | None
     ) -> LinearFn:
         scale = self.scale
 
@@ -135,9 +156,8 @@ class LoRABank(nn.Module):
                 raise MaceError(
                     f"{name}: batch of {ctx.shape[0]} contexts but {idx.shape[0]} sample concepts"
                 )
-            d = down.index_select(0, idx.to(down.device)).to(ctx.dtype)  # (B, r, d_ctx)
+            low = shared.low(ctx, i)  # (B, L, r)
             u = up.index_select(0, idx.to(up.device)).to(ctx.dtype)  # (B, d_out, r)
-            low = torch.bmm(ctx, d.transpose(1, 2))  # (B, L, r)
             delta = torch.bmm(low, u.transpose(1, 2))  # (B, L, d_out)
             if fixed is None:
                 return F.linear(ctx, weight.to(ctx.device, ctx.dtype)) + scale * delta

@@ -82,6 +82,22 @@ def test_banked_linears_with_precomputed_base_outputs_match_dense_weights():
         bank.banked_linears(base, rows[:2], fixed)["a.attn2.to_k"](ctx[:2])
 
 
+def test_banked_linears_share_one_down_product_per_context_and_recompute_for_another():
+    """All matrices see the same context in a forward; a second, different context must not reuse it."""
+    bank, base = _bank(), _base()
+    with torch.no_grad():
+        for up in bank.ups:
+            up.normal_()
+    rows = torch.tensor([0, 2])
+    fns = bank.banked_linears(base, rows)
+    for ctx in (torch.randn(2, 7, 12), torch.randn(2, 7, 12)):
+        for name in SHAPES:
+            i = bank.names.index(name)
+            for b, c in enumerate(rows.tolist()):
+                dense = base[name].double() + bank.ups[i][c].double() @ bank.downs[i][c].double()
+                torch.testing.assert_close(fns[name](ctx)[b].double(), ctx[b].double() @ dense.T, rtol=1e-5, atol=1e-5)
+
+
 def test_banked_gradient_reaches_only_the_samples_concepts():
     bank, base = _bank(), _base()
     rows = torch.tensor([0, 2])
@@ -96,7 +112,8 @@ def test_banked_gradient_reaches_only_the_samples_concepts():
     (ctx1[0] @ (base["a.attn2.to_k"] + up @ down).T).square().sum().backward()
     bank.zero_grad()
     bank.banked_linears(base, torch.tensor([2]))["a.attn2.to_k"](ctx1).square().sum().backward()
-    torch.testing.assert_close(bank.ups[0].grad[2], up.grad)
+    # float32: the bank forms down·ctx for all matrices in one product, so sums are associated differently
+    torch.testing.assert_close(bank.ups[0].grad[2], up.grad, rtol=1e-4, atol=1e-4)
 
 
 def test_banked_linears_refuse_bad_batches():
