@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import attention_processors, host_state
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
@@ -54,23 +55,11 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def _host_state(host) -> dict[str, torch.Tensor]:
-    """Every tensor of the host's three modules (copies)."""
-    out = {}
-    for prefix, m in (("unet", host.unet), ("text", host.text_encoder), ("vae", host.vae)):
-        out.update({f"{prefix}.{k}": v.detach().clone() for k, v in m.state_dict().items()})
-    return out
-
-
-def _processors(host) -> dict[str, int]:
-    return {k: id(v) for k, v in host.unet.attn_processors.items()}
-
-
 def _assert_host_untouched(host, state, procs) -> None:
-    after = _host_state(host)
+    after = host_state(host)
     assert state.keys() == after.keys()
     assert all(torch.equal(state[k], after[k]) for k in state)  # bit-identical
-    assert _processors(host) == procs  # our processors are gone
+    assert attention_processors(host) == procs  # our processors are gone
     assert all(p.grad is None and not p.requires_grad for p in host.unet.parameters())
 
 
@@ -462,7 +451,7 @@ def test_cli_out_in_an_unwritable_folder_is_refused(tmp_path, monkeypatch, capsy
 def test_training_masks_of_the_wrong_size_or_count_are_refused(tiny_host, masks):
     data = _train_data(["cat", "owl"])
     data[1].masks = masks
-    state, procs = _host_state(tiny_host), _processors(tiny_host)
+    state, procs = host_state(tiny_host), attention_processors(tiny_host)
     with pytest.raises(MaceError, match=r"concept 'owl': masks of shape .* do not match its latents \(need \(2, 8, 8\)\)"):
         train_concept_loras(tiny_host, data, _cfg())
     _assert_host_untouched(tiny_host, state, procs)
@@ -505,7 +494,7 @@ def test_nan_or_inf_stops_that_concept_by_name_and_keeps_the_others(tiny_host, t
     else:
         data[1].latents[0, 0, 0, 0] = bad
         data[1].latents[1] = bad
-    state, procs = _host_state(tiny_host), _processors(tiny_host)
+    state, procs = host_state(tiny_host), attention_processors(tiny_host)
     with pytest.raises(MaceError, match=r"diverged for 1 concept\(s\): 'golden retriever'.*Lower the learning rate") as e:
         train_concept_loras(tiny_host, data, _cfg(), cache_dir=tmp_path)
     assert "'cat'" not in str(e.value) and "'owl'" not in str(e.value)
@@ -534,7 +523,7 @@ def test_interrupt_from_check_interrupt_unpatches_keeps_finished_and_resumes(
     tiny_host, tmp_path, uninterrupted, raise_at, exc, cached
 ):
     data = _train_data(PHRASES)
-    state, procs = _host_state(tiny_host), _processors(tiny_host)
+    state, procs = host_state(tiny_host), attention_processors(tiny_host)
     calls = []
 
     def check():
@@ -608,7 +597,7 @@ def test_keyboard_interrupt_inside_a_training_step_unpatches_the_host(tiny_host,
             return real_backward(self, *a, **k)
 
         monkeypatch.setattr(torch.Tensor, "backward", backward)
-    state, procs = _host_state(tiny_host), _processors(tiny_host)
+    state, procs = host_state(tiny_host), attention_processors(tiny_host)
     try:
         with pytest.raises(KeyboardInterrupt):
             train_concept_loras(tiny_host, _train_data(PHRASES), _cfg(), cache_dir=tmp_path)
@@ -641,7 +630,7 @@ def test_a_crash_loses_at_most_the_concepts_in_progress(tiny_host, tmp_path, mon
         return real_total(self)
 
     monkeypatch.setattr(train.AttentionLossSink, "total", total)
-    state, procs = _host_state(tiny_host), _processors(tiny_host)
+    state, procs = host_state(tiny_host), attention_processors(tiny_host)
     with pytest.raises(RuntimeError, match="out of memory"):
         train_concept_loras(tiny_host, _train_data(PHRASES), _cfg(concepts_per_batch=per_batch), cache_dir=tmp_path)
     assert _cached(tmp_path) == cached
@@ -665,7 +654,7 @@ def full_run(tiny_host, tmp_path_factory):
 
 @pytest.mark.parametrize(("stage", "nth"), [("data", 1), ("train", 3), ("fuse", 1)])
 def test_run_interrupted_in_any_stage_unpatches_and_the_rerun_resumes(tiny_host, tmp_path, full_run, stage, nth):
-    state, procs = _host_state(tiny_host), _processors(tiny_host)
+    state, procs = host_state(tiny_host), attention_processors(tiny_host)
     seen: list[str] = []
 
     def check():
@@ -706,7 +695,7 @@ def test_with_weights_views_never_leak_into_the_base_or_each_other(tiny_host, ti
     g = torch.Generator().manual_seed(3)
     wa = {n: W0[n] + 0.05 * torch.randn(W0[n].shape, generator=g) for n in names[:10]}
     wb = {n: W0[n] - 0.05 * torch.randn(W0[n].shape, generator=g) for n in names[5:20]}
-    state, procs, fp = _host_state(tiny_host), _processors(tiny_host), tiny_host.model_fingerprint()
+    state, procs, fp = host_state(tiny_host), attention_processors(tiny_host), tiny_host.model_fingerprint()
     a = tiny_host.with_weights(wa)
     b = tiny_host.with_weights(wb)
     for w in wa.values():

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import attention_processors, host_state
 
 from mace_ops.concepts import Concept
 from mace_ops.data import ConceptData
@@ -89,30 +90,19 @@ def _config(**kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-def _state(host) -> dict[str, torch.Tensor]:
-    out = {}
-    for prefix, m in (("unet", host.unet), ("text", host.text_encoder), ("vae", host.vae)):
-        out.update({f"{prefix}.{k}": v.detach().clone() for k, v in m.state_dict().items()})
-    return out
-
-
-def _processors(host) -> dict[str, int]:
-    return {k: id(v) for k, v in host.unet.attn_processors.items()}
-
-
 def test_training_lowers_loss_and_changes_only_the_loras(tiny_host):
-    before = _state(tiny_host)
-    procs = _processors(tiny_host)
+    before = host_state(tiny_host)
+    procs = attention_processors(tiny_host)
     data = _data(PHRASES[:1])
     bank, losses = train_concept_loras(tiny_host, data, _config(steps=8))
     curve = losses["cat"]
     assert len(curve) == 8 and all(math.isfinite(x) for x in curve)
     assert sum(curve[-2:]) / 2 < 0.8 * sum(curve[:2]) / 2  # observed 8.7 -> 4.5 (means of 2)
-    after = _state(tiny_host)
+    after = host_state(tiny_host)
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)  # bit-identical base model
     assert all(p.grad is None and not p.requires_grad for p in tiny_host.unet.parameters())
-    assert _processors(tiny_host) == procs
+    assert attention_processors(tiny_host) == procs
     ups = [p for p in bank.ups]
     assert any(p.abs().sum() > 0 for p in ups)  # started at 0, moved
 
@@ -128,7 +118,7 @@ def test_base_weights_default_and_given_agree(tiny_host):
 
 
 def test_hooks_removed_after_exception_in_loop(tiny_host):
-    procs = _processors(tiny_host)
+    procs = attention_processors(tiny_host)
 
     def progress(step, total, phrase, loss):
         if step == 2:
@@ -136,7 +126,7 @@ def test_hooks_removed_after_exception_in_loop(tiny_host):
 
     with pytest.raises(RuntimeError, match="boom"):
         train_concept_loras(tiny_host, _data(PHRASES[:2]), _config(concepts_per_batch=1), progress=progress)
-    assert _processors(tiny_host) == procs
+    assert attention_processors(tiny_host) == procs
     assert all(p.grad is None for p in tiny_host.unet.parameters())
 
 
