@@ -7,7 +7,6 @@ that must compare ``state_dict``s, not rebuild.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from mace_ops.hosts.diffusers import DiffusersHost
 from mace_ops.tiny import TinySD, build_tiny_sd
@@ -26,15 +25,3 @@ def tiny_host(tiny_sd: TinySD) -> DiffusersHost:
         tiny_sd.unet, tiny_sd.text_encoder, tiny_sd.vae, alphas_cumprod=tiny_sd.alphas_cumprod
     )
 
-
-def host_state(host: DiffusersHost) -> dict[str, torch.Tensor]:
-    """Copies of every tensor of the host's UNet, text encoder and VAE (to prove they never change)."""
-    out = {}
-    for prefix, m in (("unet", host.unet), ("text", host.text_encoder), ("vae", host.vae)):
-        out.update({f"{prefix}.{k}": v.detach().clone() for k, v in m.state_dict().items()})
-    return out
-
-
-def attention_processors(host: DiffusersHost) -> dict[str, int]:
-    """Identity of each attention processor of the UNet (to prove hooks were removed)."""
-    return {k: id(v) for k, v in host.unet.attn_processors.items()}

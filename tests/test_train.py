@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import attention_processors, host_state
+from _host_checks import attention_processors, host_state
 
 from mace_ops.concepts import Concept
 from mace_ops.data import ConceptData
