@@ -4,26 +4,33 @@ from __future__ import annotations
 
 import torch
 
-#: UNet layout read by ComfyUI's SD15 config: 2 levels, 64 channels, one transformer per block
-TINY_UNET_CONFIG = {
-    "context_dim": 768,
-    "model_channels": 64,
-    "use_linear_in_transformer": False,
-    "adm_in_channels": None,
-    "use_temporal_attention": False,
-    "use_temporal_resblock": False,
-    "in_channels": 4,
-    "out_channels": 4,
-    "num_res_blocks": [1, 1],
-    "transformer_depth": [1, 1],
-    "transformer_depth_output": [1, 1, 1, 1],
-    "channel_mult": [1, 2],
-    "transformer_depth_middle": 1,
-    "use_checkpoint": False,
-    "image_size": 32,
-    "use_spatial_transformer": True,
-    "legacy": False,
-}
+
+def sd1_unet_config(model_channels: int, levels: int) -> dict:
+    """A UNet layout ComfyUI's SD15 config accepts: ``levels`` levels (channel_mult 1, 2, ...), one res
+    block and one transformer per block, 768-d context. SD1.5 detection from a file needs 320 channels."""
+    return {
+        "context_dim": 768,
+        "model_channels": model_channels,
+        "use_linear_in_transformer": False,
+        "adm_in_channels": None,
+        "use_temporal_attention": False,
+        "use_temporal_resblock": False,
+        "in_channels": 4,
+        "out_channels": 4,
+        "num_res_blocks": [1] * levels,
+        "transformer_depth": [1] * levels,
+        "transformer_depth_output": [1] * (2 * levels),
+        "channel_mult": [i + 1 for i in range(levels)],
+        "transformer_depth_middle": 1,
+        "use_checkpoint": False,
+        "image_size": 32,
+        "use_spatial_transformer": True,
+        "legacy": False,
+    }
+
+
+#: built without a file: 2 levels, 64 channels
+TINY_UNET_CONFIG = sd1_unet_config(64, 2)
 
 
 def build_tiny_parts(seed: int = 0):

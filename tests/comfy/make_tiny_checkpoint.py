@@ -13,26 +13,9 @@ import os
 import sys
 
 import torch
+from _tiny_comfy import sd1_unet_config
 
-UNET_CONFIG = {
-    "context_dim": 768,
-    "model_channels": 320,
-    "use_linear_in_transformer": False,
-    "adm_in_channels": None,
-    "use_temporal_attention": False,
-    "use_temporal_resblock": False,
-    "in_channels": 4,
-    "out_channels": 4,
-    "num_res_blocks": [1],
-    "transformer_depth": [1],
-    "transformer_depth_output": [1, 1],
-    "channel_mult": [1],
-    "transformer_depth_middle": 1,
-    "use_checkpoint": False,
-    "image_size": 32,
-    "use_spatial_transformer": True,
-    "legacy": False,
-}
+UNET_CONFIG = sd1_unet_config(320, 1)  # one level: the smallest layout detected as SD1.5
 
 
 def _fill(module: torch.nn.Module, std: float) -> None:
