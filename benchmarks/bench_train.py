@@ -110,6 +110,35 @@ def worker(model: str, n: int, mode: str, steps: int, hw: int) -> dict:
     return {"seconds": seconds, "cpu_seconds": cpu_seconds, "concept_steps": n * steps, "peak_mb": peak_mb, "base_mb": base_mb}
 
 
+def ceiling(model: str, n: int, steps: int, hw: int) -> dict:
+    """The host UNet's own batch scaling: forward + backward (to the context) of ``n`` samples in one
+    batch versus ``n`` batches of one, same inputs, no LoRA, optimiser or bookkeeping. Batched
+    training cannot beat ``n · t(1) / t(n)`` by more than the per-step overhead it saves."""
+    torch.set_num_threads(2)
+    host = _host(model)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 4, hw, hw, generator=g)
+    t = torch.randint(200, 400, (n,), generator=g)
+    ctx = torch.randn(n, 77, 768, generator=g)
+
+    def fwd_bwd(lo: int, hi: int) -> None:
+        c = ctx[lo:hi].clone().requires_grad_(True)
+        with host.instrument() as unet:
+            unet(x[lo:hi], t[lo:hi], c).square().mean().backward()
+
+    fwd_bwd(0, n)
+    fwd_bwd(0, 1)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        for i in range(n):
+            fwd_bwd(i, i + 1)
+    t1 = time.perf_counter()
+    for _ in range(steps):
+        fwd_bwd(0, n)
+    t2 = time.perf_counter()
+    return {"one_by_one": (t1 - t0) / steps, "batched": (t2 - t1) / steps}
+
+
 def _run(model: str, n: int, mode: str, steps: int, hw: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", model, str(n), mode, str(steps), str(hw)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
@@ -119,14 +148,19 @@ def _run(model: str, n: int, mode: str, steps: int, hw: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny-ns", default="1,4,16")
-    ap.add_argument("--tiny-steps", type=int, default=4)
+    ap.add_argument("--tiny-steps", type=int, default=50, help="default: TrainConfig.steps, a real run's length")
+    ap.add_argument("--ceiling-reps", type=int, default=5, help="repetitions of the UNet-only ceiling (tiny)")
     ap.add_argument("--full-ns", default="1,4", help="'' to skip the full-size UNet")
     ap.add_argument("--full-steps", type=int, default=2)
     ap.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         model, n, mode, steps, hw = args.worker
-        print(json.dumps(worker(model, int(n), mode, int(steps), int(hw))))
+        if mode == "ceiling":
+            result = ceiling(model, int(n), int(steps), int(hw))
+        else:
+            result = worker(model, int(n), mode, int(steps), int(hw))
+        print(json.dumps(result))
         return
 
     plan = [("tiny", 16, int(n), args.tiny_steps) for n in args.tiny_ns.split(",") if n]
@@ -135,11 +169,14 @@ def main() -> None:
     print()
     print(
         "| model | latent | N | steps/concept | mode | concept-steps/s (wall) | speed-up (wall) "
-        "| concept-steps per CPU-s | speed-up (CPU) | peak RSS MB | above base MB |"
+        "| concept-steps per CPU-s | speed-up (CPU) | UNet-only ceiling | peak RSS MB | above base MB |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for model, hw, n, steps in plan:
         rows = {mode: _run(model, n, mode, steps, hw) for mode in ("sequential", "batched")}
+        reps = args.ceiling_reps if model == "tiny" else 1
+        c = _run(model, n, "ceiling", reps, hw)
+        ceiling_ratio = c["one_by_one"] / c["batched"]
         seq_rate = rows["sequential"]["concept_steps"] / rows["sequential"]["seconds"]
         seq_cpu = rows["sequential"]["concept_steps"] / rows["sequential"]["cpu_seconds"]
         for mode, r in rows.items():
@@ -147,7 +184,7 @@ def main() -> None:
             cpu = r["concept_steps"] / r["cpu_seconds"]
             print(
                 f"| {model} | {hw}×{hw} | {n} | {steps} | {mode} | {rate:.2f} | {rate / seq_rate:.2f}× | "
-                f"{cpu:.2f} | {cpu / seq_cpu:.2f}× | "
+                f"{cpu:.2f} | {cpu / seq_cpu:.2f}× | {f'{ceiling_ratio:.2f}×' if mode == 'batched' else '–'} | "
                 f"{r['peak_mb']:.0f} | {r['peak_mb'] - r['base_mb']:.0f} |",
                 flush=True,
             )

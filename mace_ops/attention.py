@@ -36,10 +36,10 @@ def explicit_attention(
     if inner % heads:
         raise MaceError(f"attention of width {inner} cannot be split into {heads} heads")
     d = inner // heads
-    qh = q.view(b, n, heads, d).transpose(1, 2)  # (B, heads, N, d)
+    qh = (q * (1.0 / math.sqrt(d))).view(b, n, heads, d).transpose(1, 2)  # (B, heads, N, d), scaled: N·d < N·L
     kh = k.view(b, k.shape[1], heads, d).transpose(1, 2)  # (B, heads, L, d)
     vh = v.view(b, v.shape[1], heads, d).transpose(1, 2)  # (B, heads, L, d)
-    probs = torch.softmax((qh @ kh.transpose(-1, -2)) * (1.0 / math.sqrt(d)), dim=-1)  # (B, heads, N, L)
+    probs = torch.softmax(qh @ kh.transpose(-1, -2), dim=-1)  # (B, heads, N, L)
     if sink is not None:
         if block is None:
             sink(probs)

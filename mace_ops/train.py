@@ -16,6 +16,7 @@ trains the same whether alone or batched (up to float rounding).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -54,12 +55,18 @@ def cfis_probabilities(num_steps: int = 1000, t1: float = 200, t2: float = 400, 
     return p / p.sum()
 
 
+@functools.lru_cache(maxsize=4)
+def _cfis_table(num_steps: int) -> Tensor:
+    """The default CFIS probabilities, computed once per ``num_steps`` (read-only: never hand it out)."""
+    return cfis_probabilities(num_steps)
+
+
 def sample_timesteps(
     n: int, generator: torch.Generator | None = None, mode: str = "cfis", num_steps: int = 1000
 ) -> Tensor:
     """``n`` training timesteps, (n,) long: CFIS (default) or ``"uniform"`` over ``0 .. num_steps-1``."""
     if mode == "cfis":
-        return torch.multinomial(cfis_probabilities(num_steps), n, replacement=True, generator=generator)
+        return torch.multinomial(_cfis_table(num_steps), n, replacement=True, generator=generator)
     if mode == "uniform":
         return torch.randint(0, num_steps, (n,), generator=generator)
     raise MaceError(f"timestep mode {mode!r}: use 'cfis' or 'uniform'")
@@ -75,8 +82,9 @@ def attention_map_loss(probs: Tensor, mask: Tensor, token_positions: Tensor, squ
     probs (B, heads, N, L) softmax probabilities; mask (B, N) bool pixels; token_positions (B, L) bool.
     ``squared=True`` gives ``||·||²_F``. The root has a zero (not NaN) gradient where the norm is 0.
     """
-    sel = token_positions.to(probs.dtype)[:, None, :, None]  # (B, 1, L, 1)
-    per_pixel = torch.matmul(probs.square(), sel).squeeze(-1)  # (B, heads, N): Σ_{s∈S} p²
+    sel = token_positions.to(probs.dtype)[:, None, None, :]  # (B, 1, 1, L)
+    # Σ_{s∈S} p² as a product and a sum: half the time (forward + backward) of a (L, 1) matmul on CPU
+    per_pixel = (probs.square() * sel).sum(-1)  # (B, heads, N)
     ss = (per_pixel * mask.to(probs.dtype)[:, None, :]).sum(dim=(1, 2))  # (B,)
     if squared:
         return ss
@@ -255,6 +263,33 @@ def _base_kv(state: _ConceptState, base: Mapping[str, Tensor]) -> dict[str, Tens
     return state.base_kv
 
 
+@dataclass
+class _FixedBatch:
+    """The per-step inputs that depend only on which concepts are active: built once, reused every step
+    until a concept drops out. B = active concepts × batch_size, samples grouped by concept."""
+
+    active: list[int]
+    context: Tensor  # (B, 77, d_ctx)
+    positions: Tensor  # (B, 77) bool
+    base_kv: dict[str, Tensor]  # name -> (B, 77, d_out): the frozen W·context of each sample's prompt
+    rows: Tensor  # (B,) long: the bank row of each sample
+
+
+def _fixed_batch(
+    states: Sequence[_ConceptState], active: list[int], bs: int, base: Mapping[str, Tensor], device: torch.device
+) -> _FixedBatch:
+    def stack(parts: list[Tensor]) -> Tensor:  # each (1, ...) -> (B, ...)
+        return torch.cat([p.expand(bs, *p.shape[1:]) for p in parts])
+
+    return _FixedBatch(
+        active=list(active),
+        context=stack([states[c].context for c in active]),
+        positions=stack([states[c].positions[None] for c in active]),
+        base_kv={name: stack([_base_kv(states[c], base)[name] for c in active]) for name in base},
+        rows=torch.tensor([c for c in active for _ in range(bs)], dtype=torch.long, device=device),
+    )
+
+
 def _concept_of(item: Any) -> Concept:
     c = item.concept
     return c if isinstance(c, Concept) else Concept(str(c), "", "object")
@@ -413,6 +448,7 @@ def _train_group(
     active = list(range(len(states)))
     bs = config.batch_size
     n_t = alphas.shape[0]
+    fixed: _FixedBatch | None = None
 
     for step in range(config.steps):
         if not active:
@@ -433,16 +469,13 @@ def _train_group(
         a = alphas[t].to(device=device, dtype=x0.dtype)[:, None, None, None]
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
         masks = torch.cat(ms)  # (B, h, w) bool
-        context = torch.cat([states[c].context.expand(bs, -1, -1) for c in active])  # (B, 77, d)
-        positions = torch.cat([states[c].positions[None].expand(bs, -1) for c in active])  # (B, 77)
-        sample_rows = torch.tensor([c for c in active for _ in range(bs)], dtype=torch.long, device=device)
+        if fixed is None or fixed.active != active:
+            fixed = _fixed_batch(states, active, bs, base, device)
 
-        loss_sink = AttentionLossSink(masks, positions, squared=config.squared_loss)
-        base_kv = {name: torch.cat([_base_kv(states[c], base)[name].expand(bs, -1, -1) for c in active])
-                   for name in base}  # (B, 77, d_out): the frozen projection of each concept's fixed prompt
-        linears = bank.banked_linears(base, sample_rows, base_kv)
+        loss_sink = AttentionLossSink(masks, fixed.positions, squared=config.squared_loss)
+        linears = bank.banked_linears(base, fixed.rows, fixed.base_kv)  # fresh per step: it caches down·ctx
         with host.instrument(linears=linears, attention=loss_sink.attention) as unet:
-            unet(x_t, t.to(device), context)
+            unet(x_t, t.to(device), fixed.context)
         per_sample = loss_sink.total()  # (B,)
         per_concept = per_sample.view(len(active), bs).mean(1)  # (A,)
         opt.zero_grad(set_to_none=False)
