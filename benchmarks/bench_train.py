@@ -8,9 +8,14 @@ peak resident memory, for N concepts at equal optimiser steps per concept, on
   below, random init, 32×32 latents) with the tiny text encoder and VAE (not timed).
 
 Each (model, N, mode) runs in its own subprocess so that its peak RSS (``ru_maxrss``) is its own;
-"above base" is the peak minus the RSS after building the model and one warm-up step. Not a test.
+"above base" is the peak minus the RSS after building the model and one warm-up step. Tiny rows run
+``--repeats`` sequential/batched pairs, alternating, and report medians (this machine's speed drifts by
+±15 % over minutes). "UNet alone" is the host UNet's own forward + backward at batch N versus N
+batches of one (``unet_alone``): how much of the speed-up the model itself allows; batching also
+saves per-step work (optimiser, sampling, Python), so training can exceed it. Not a test.
 
-    .venv/bin/python benchmarks/bench_train.py                      # tiny N=1,4,16; full N=1,4
+    .venv/bin/python benchmarks/bench_train.py                      # tiny N=1,4,16 (50 steps, 3 pairs); full N=1,4
+    .venv/bin/python benchmarks/bench_train.py --full-ns ""         # tiny only (~6 min)
     .venv/bin/python benchmarks/bench_train.py --full-ns 1,4,16 --full-steps 1
 """
 
@@ -20,6 +25,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -110,10 +116,10 @@ def worker(model: str, n: int, mode: str, steps: int, hw: int) -> dict:
     return {"seconds": seconds, "cpu_seconds": cpu_seconds, "concept_steps": n * steps, "peak_mb": peak_mb, "base_mb": base_mb}
 
 
-def ceiling(model: str, n: int, steps: int, hw: int) -> dict:
+def unet_alone(model: str, n: int, reps: int, hw: int) -> dict:
     """The host UNet's own batch scaling: forward + backward (to the context) of ``n`` samples in one
-    batch versus ``n`` batches of one, same inputs, no LoRA, optimiser or bookkeeping. Batched
-    training cannot beat ``n · t(1) / t(n)`` by more than the per-step overhead it saves."""
+    batch versus ``n`` batches of one, same inputs, no LoRA, loss, optimiser or bookkeeping; the two
+    are timed alternately ``reps`` times. Returns the per-repetition ratios ``n · t(1) / t(n)``."""
     torch.set_num_threads(2)
     host = _host(model)
     g = torch.Generator().manual_seed(0)
@@ -128,15 +134,15 @@ def ceiling(model: str, n: int, steps: int, hw: int) -> dict:
 
     fwd_bwd(0, n)
     fwd_bwd(0, 1)
-    t0 = time.perf_counter()
-    for _ in range(steps):
+    ratios = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
         for i in range(n):
             fwd_bwd(i, i + 1)
-    t1 = time.perf_counter()
-    for _ in range(steps):
+        t1 = time.perf_counter()
         fwd_bwd(0, n)
-    t2 = time.perf_counter()
-    return {"one_by_one": (t1 - t0) / steps, "batched": (t2 - t1) / steps}
+        ratios.append((t1 - t0) / (time.perf_counter() - t1))
+    return {"ratios": ratios}
 
 
 def _run(model: str, n: int, mode: str, steps: int, hw: int) -> dict:
@@ -149,43 +155,47 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny-ns", default="1,4,16")
     ap.add_argument("--tiny-steps", type=int, default=50, help="default: TrainConfig.steps, a real run's length")
-    ap.add_argument("--ceiling-reps", type=int, default=5, help="repetitions of the UNet-only ceiling (tiny)")
     ap.add_argument("--full-ns", default="1,4", help="'' to skip the full-size UNet")
     ap.add_argument("--full-steps", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="sequential/batched pairs per tiny row (full: 1)")
     ap.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         model, n, mode, steps, hw = args.worker
-        if mode == "ceiling":
-            result = ceiling(model, int(n), int(steps), int(hw))
+        if mode == "unet-alone":
+            result = unet_alone(model, int(n), int(steps), int(hw))
         else:
             result = worker(model, int(n), mode, int(steps), int(hw))
         print(json.dumps(result))
         return
 
-    plan = [("tiny", 16, int(n), args.tiny_steps) for n in args.tiny_ns.split(",") if n]
-    plan += [("full", 32, int(n), args.full_steps) for n in args.full_ns.split(",") if n]
+    plan = [("tiny", 16, int(n), args.tiny_steps, args.repeats) for n in args.tiny_ns.split(",") if n]
+    plan += [("full", 32, int(n), args.full_steps, 1) for n in args.full_ns.split(",") if n]
     print(f"torch {torch.__version__}, 2 threads, load average at start {os.getloadavg()[0]:.1f}")
     print()
     print(
-        "| model | latent | N | steps/concept | mode | concept-steps/s (wall) | speed-up (wall) "
-        "| concept-steps per CPU-s | speed-up (CPU) | UNet-only ceiling | peak RSS MB | above base MB |"
+        "| model | latent | N | steps/concept | mode | runs | concept-steps/s (wall, median) "
+        "| speed-up (wall, median [range]) | speed-up (CPU, median) | UNet alone | peak RSS MB | above base MB |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for model, hw, n, steps in plan:
-        rows = {mode: _run(model, n, mode, steps, hw) for mode in ("sequential", "batched")}
-        reps = args.ceiling_reps if model == "tiny" else 1
-        c = _run(model, n, "ceiling", reps, hw)
-        ceiling_ratio = c["one_by_one"] / c["batched"]
-        seq_rate = rows["sequential"]["concept_steps"] / rows["sequential"]["seconds"]
-        seq_cpu = rows["sequential"]["concept_steps"] / rows["sequential"]["cpu_seconds"]
-        for mode, r in rows.items():
-            rate = r["concept_steps"] / r["seconds"]
-            cpu = r["concept_steps"] / r["cpu_seconds"]
+    for model, hw, n, steps, repeats in plan:
+        runs: dict[str, list[dict]] = {"sequential": [], "batched": []}
+        for _ in range(repeats):  # alternate the modes so that drifting machine load hits both alike
+            for mode in runs:
+                runs[mode].append(_run(model, n, mode, steps, hw))
+        alone = statistics.median(_run(model, n, "unet-alone", 5 if model == "tiny" else 1, hw)["ratios"])
+        rate = {m: [r["concept_steps"] / r["seconds"] for r in rs] for m, rs in runs.items()}
+        cpu = {m: [r["concept_steps"] / r["cpu_seconds"] for r in rs] for m, rs in runs.items()}
+        for mode, rs in runs.items():
+            wall_up = [b / s_ for b, s_ in zip(rate[mode], rate["sequential"], strict=True)]
+            cpu_up = [b / s_ for b, s_ in zip(cpu[mode], cpu["sequential"], strict=True)]
+            spread = f" [{min(wall_up):.2f}–{max(wall_up):.2f}]" if repeats > 1 else ""
+            peak = max(r["peak_mb"] for r in rs)
+            above = max(r["peak_mb"] - r["base_mb"] for r in rs)
             print(
-                f"| {model} | {hw}×{hw} | {n} | {steps} | {mode} | {rate:.2f} | {rate / seq_rate:.2f}× | "
-                f"{cpu:.2f} | {cpu / seq_cpu:.2f}× | {f'{ceiling_ratio:.2f}×' if mode == 'batched' else '–'} | "
-                f"{r['peak_mb']:.0f} | {r['peak_mb'] - r['base_mb']:.0f} |",
+                f"| {model} | {hw}×{hw} | {n} | {steps} | {mode} | {repeats} | {statistics.median(rate[mode]):.2f} | "
+                f"{statistics.median(wall_up):.2f}×{spread} | {statistics.median(cpu_up):.2f}× | "
+                f"{f'{alone:.2f}×' if mode == 'batched' else '–'} | {peak:.0f} | {above:.0f} |",
                 flush=True,
             )
     print(f"\nload average at end {os.getloadavg()[0]:.1f}")
