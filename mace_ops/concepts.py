@@ -30,7 +30,7 @@ from importlib import resources
 from typing import Any
 
 from .errors import MaceError
-from .tokens import END_ID, MAX_LENGTH, TokenIds, unpadded_length
+from .tokens import MAX_LENGTH, TokenIds, ids_fit, unpadded_length
 
 KINDS = ("object", "style")
 ARROW = "->"
@@ -149,7 +149,7 @@ def _key(text: str) -> str:
     return _normalise(text).casefold()
 
 
-def _longest_template(templates: Sequence[str], token_ids: TokenIds) -> str:
+def longest_template(templates: Sequence[str], token_ids: TokenIds) -> str:
     """The template with the most tokens around its placeholder."""
     lengths = [unpadded_length(row) for row in token_ids([t.format("") for t in templates])]
     return templates[max(range(len(templates)), key=lambda i: lengths[i])]
@@ -217,13 +217,13 @@ def parse_concept_list(
             f"split it or raise the limit"
         )
     if token_ids is not None and concepts:
-        longest = _longest_template(templates_for(kind), token_ids)
+        longest = longest_template(templates_for(kind), token_ids)
         checks = [(n, role, words) for c, n in zip(concepts, lines_of, strict=True)
                   for role, words in (("phrase", c.phrase), ("anchor", c.anchor))]
-        # one tokenizer call for all prompts (thousands of concepts), same rule as ``prompt_fits``
+        # one tokenizer call for all prompts (thousands of concepts)
         rows = token_ids([longest.format(words) for _, _, words in checks])
         for (n, role, words), ids in zip(checks, rows, strict=True):
-            if not (END_ID in ids and unpadded_length(ids) < MAX_LENGTH):
+            if not ids_fit(ids):
                 errors.append(
                     f"concept list line {n}: {role} {words!r} is too long: the prompt "
                     f"{longest.format(words)!r} exceeds {MAX_LENGTH} tokens; shorten it"

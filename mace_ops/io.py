@@ -67,6 +67,20 @@ def unique_path(path: str | os.PathLike[str]) -> Path:
     raise MaceError(f"no free file name next to {str(p)!r}; clean up that folder")
 
 
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write a UTF-8 text file through a temporary file in its folder and ``os.replace`` (replaces ``path``)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 def _write_safetensors(tensors: Mapping[str, Tensor], path: str, metadata: dict[str, str] | None) -> None:
     """The actual write (a seam for fault-injection tests)."""
     save_file(dict(tensors), path, metadata=metadata)
@@ -251,10 +265,8 @@ def concept_dicts(concepts: list) -> list[dict[str, str]]:
 
 
 def _to_concepts(items: list[dict[str, str]]) -> list:
-    try:
-        from .concepts import Concept
-    except ImportError:  # pragma: no cover - concepts is part of the package
-        return items
+    from .concepts import Concept  # here, not at the top: concepts -> tokens -> io
+
     return [Concept(d["phrase"], d.get("anchor", ""), d.get("kind", "object")) for d in items]
 
 
@@ -268,14 +280,20 @@ def save_erasure(erasure: Any, original_weights: Mapping[str, Tensor], path: str
     if missing:
         raise MaceError(f"erasure has matrices the base model lacks ({missing[0]!r}, {len(missing)} in all); "
                         "save it with the weights of the model it was made for")
-    diffs = erasure.diffs(original_weights)
+    return save_erasure_diffs(erasure.diffs(original_weights), erasure, path, overwrite=overwrite)
+
+
+def save_erasure_diffs(diffs: Mapping[str, Tensor], erasure: Any, path: str | os.PathLike[str], *,
+                       overwrite: bool = False) -> Path:
+    """Write differences ``W_new - W0`` already at hand (e.g. a loaded erasure's) with ``erasure``'s
+    fingerprint, concepts and metadata; the format of ``save_erasure``."""
     tensors = {erasure_key(n): d for n, d in sorted(diffs.items()) if bool(torch.any(d != 0))}
     meta = {
         "mace.format": ERASURE_FORMAT,
         "mace.format_version": str(ERASURE_FORMAT_VERSION),
         "mace.base_fingerprint": str(erasure.base_fingerprint),
         "mace.concepts": json.dumps(concept_dicts(list(erasure.concepts))),
-        "mace.matrices": json.dumps({n: list(original_weights[n].shape) for n in sorted(diffs)}),
+        "mace.matrices": json.dumps({n: list(diffs[n].shape) for n in sorted(diffs)}),
         "mace.settings": json.dumps(erasure.metadata, default=str, sort_keys=True),
     }
     return atomic_save_safetensors(tensors, path, meta, overwrite=overwrite)

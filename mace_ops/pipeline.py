@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from .closed_form import FusionProblem, Preservation, refine_cross_attention
@@ -33,7 +32,7 @@ from .hosts.base import Host
 from .lora import LoRABank
 from .preservation import cached_preservation_moments, default_corpus, preservation_moments
 from .statistics import SecondMoment
-from .tokens import END_ID, align_prompt_pair, unpadded_length
+from .tokens import aligned_rows, ids_fit
 from .train import TrainConfig
 
 #: progress(stage, done, total, info) — stage in {"preservation", "refine", "data", "train", "fuse"}
@@ -168,10 +167,9 @@ def preservation_statistics(
 def _check_prompt_lengths(
     concept: Concept, role: str, prompts: Sequence[str], ids: Sequence[Sequence[int]], limit: int
 ) -> None:
-    """Refuse a concept whose phrase or anchor prompt would be truncated (its end token must come before the
-    last of the ``limit`` positions, as in ``tokens.prompt_fits``)."""
+    """Refuse a concept whose phrase or anchor prompt would be truncated (``tokens.ids_fit``)."""
     for prompt, row in zip(prompts, ids, strict=True):
-        if END_ID not in row or unpadded_length(row) >= limit:
+        if not ids_fit(row, limit):
             raise MaceError(
                 f"concept {concept.phrase!r} -> {concept.anchor!r}: the prompt {prompt!r} exceeds {limit} tokens; "
                 f"shorten the {role}"
@@ -201,12 +199,7 @@ def concept_pair_moments(
             _check_prompt_lengths(concept, "anchor", g_prompts, ids_g, host.max_length)
             anchors[g_prompts] = (host.encode(g_prompts), ids_g)
         e_f, (e_g, ids_g) = host.encode(f_prompts), anchors[g_prompts]  # (n, 77, d) each
-        rows_f, rows_g = [], []
-        for j in range(len(pairs)):
-            pf, pg = align_prompt_pair(ids_f[j], ids_g[j])
-            rows_f.append(e_f[j, pf])  # (m_j, d)
-            rows_g.append(e_g[j, pg])
-        x_f, x_g = torch.cat(rows_f), torch.cat(rows_g)  # (m, d)
+        x_f, x_g = aligned_rows(e_f, e_g, ids_f, ids_g)  # (m, d) each
         if cross is None:
             cross, gram = SecondMoment(x_f.shape[-1]), SecondMoment(x_f.shape[-1])
         cross.add(x_g, x_f)

@@ -164,6 +164,11 @@ def default_corpus() -> list[str]:
     return list(_default_corpus())
 
 
+def prompt_lines(text: str) -> list[str]:
+    """The prompts of a text, one per line: blank lines and ``#`` comment lines skipped, spaces normalised."""
+    return [" ".join(s.split()) for s in text.splitlines() if s.strip() and not s.lstrip().startswith("#")]
+
+
 def read_prompt_file(path: str | os.PathLike) -> list[str]:
     """Prompts from a text file, one per line; blank lines and lines starting with ``#`` are skipped
     (a ``#`` inside a prompt is kept). Whitespace runs collapse to one space."""
@@ -171,10 +176,10 @@ def read_prompt_file(path: str | os.PathLike) -> list[str]:
     if not p.is_file():
         raise MaceError(f"prompt file {p} does not exist; give a text file with one prompt per line")
     try:
-        lines = p.read_text(encoding="utf-8").splitlines()
+        text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise MaceError(f"prompt file {p} is not UTF-8 text ({e}); save it as UTF-8") from e
-    prompts = [" ".join(s.split()) for s in lines if s.strip() and not s.lstrip().startswith("#")]
+    prompts = prompt_lines(text)
     if not prompts:
         raise MaceError(f"prompt file {p} has no prompts; write one prompt per line")
     return prompts

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .errors import MaceError
+from .io import atomic_write_text
 
 TokenIds = Callable[[Sequence[str]], list[list[int]]]
 
@@ -128,18 +129,6 @@ def _cache_root() -> Path:
         return root
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _tokenizer_dir_from_bpe(bpe: Path) -> Path:
     """A folder with vocab.json/merges.txt derived from ``bpe``, cached by the file's sha256."""
     digest = hashlib.sha256(bpe.read_bytes()).hexdigest()[:16]
@@ -148,8 +137,8 @@ def _tokenizer_dir_from_bpe(bpe: Path) -> Path:
         return d
     vocab, merges = clip_vocab_and_merges(bpe)
     d.mkdir(parents=True, exist_ok=True)
-    _write_atomic(d / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
-    _write_atomic(d / "vocab.json", json.dumps(vocab, ensure_ascii=False))
+    atomic_write_text(d / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
+    atomic_write_text(d / "vocab.json", json.dumps(vocab, ensure_ascii=False))
     return d
 
 
@@ -207,19 +196,27 @@ def unpadded_length(ids: Sequence[int], end_id: int = END_ID) -> int:
     return ids.index(end_id) + 1 if end_id in ids else len(ids)
 
 
-def phrase_token_count(phrase: str, token_ids: TokenIds | None = None, end_id: int = END_ID) -> int:
-    """Number of tokens of ``phrase`` without start/end tokens, as far as ``token_ids`` shows them: a
-    tokenizer that truncates to 77 reports at most 75 (use ``prompt_fits`` for the limit check)."""
-    ids = (token_ids or sd1_token_ids)([phrase])[0]
+def ids_token_count(ids: Sequence[int], end_id: int = END_ID) -> int:
+    """Tokens of one encoded text without its start/end tokens (at most 75 from a truncating tokenizer)."""
     return max(unpadded_length(ids, end_id) - 2, 0)
 
 
+def ids_fit(ids: Sequence[int], limit: int = MAX_LENGTH, end_id: int = END_ID) -> bool:
+    """True when an encoded prompt surely fits in ``limit`` positions untruncated: its end token comes
+    before the last position. A tokenizer that truncates keeps an end token at the last position, so a
+    prompt that exactly fills it cannot be told from a truncated one and counts as too long."""
+    return end_id in ids and unpadded_length(ids, end_id) < limit
+
+
+def phrase_token_count(phrase: str, token_ids: TokenIds | None = None, end_id: int = END_ID) -> int:
+    """Number of tokens of ``phrase`` without start/end tokens, as far as ``token_ids`` shows them: a
+    tokenizer that truncates to 77 reports at most 75 (use ``prompt_fits`` for the limit check)."""
+    return ids_token_count((token_ids or sd1_token_ids)([phrase])[0], end_id)
+
+
 def prompt_fits(prompt: str, token_ids: TokenIds | None = None, end_id: int = END_ID) -> bool:
-    """True when ``prompt`` surely fits in 77 positions untruncated: its end token comes before the last
-    position. A tokenizer that truncates keeps an end token at position 76, so a prompt of exactly 75
-    tokens cannot be told from a truncated one and counts as too long (one token of caution)."""
-    ids = (token_ids or sd1_token_ids)([prompt])[0]
-    return end_id in ids and unpadded_length(ids, end_id) < MAX_LENGTH
+    """``ids_fit`` of ``prompt`` in 77 positions (one token of caution: 75 tokens count as too long)."""
+    return ids_fit((token_ids or sd1_token_ids)([prompt])[0], MAX_LENGTH, end_id)
 
 
 def align_prompt_pair(
@@ -254,6 +251,20 @@ def align_prompt_pair(
     pos_f += range(lf - suffix, lf - suffix + tail)
     pos_g += range(lg - suffix, lg - suffix + tail)
     return torch.tensor(pos_f, dtype=torch.long), torch.tensor(pos_g, dtype=torch.long)
+
+
+def aligned_rows(
+    e_f: Tensor, e_g: Tensor, ids_f: Sequence[Sequence[int]], ids_g: Sequence[Sequence[int]]
+) -> tuple[Tensor, Tensor]:
+    """The aligned token rows of prompt pairs: ``e_f``, ``e_g`` (P, 77, d) encodings of P concept prompts
+    and their anchor twins, ``ids_*`` their token ids -> ``(x_f, x_g)`` (m, d) each, pairs stacked in order
+    (``align_prompt_pair`` per prompt)."""
+    rows_f, rows_g = [], []
+    for j, (a, b) in enumerate(zip(ids_f, ids_g, strict=True)):
+        pf, pg = align_prompt_pair(a, b)
+        rows_f.append(e_f[j, pf.to(e_f.device)])  # (m_j, d)
+        rows_g.append(e_g[j, pg.to(e_g.device)])
+    return torch.cat(rows_f), torch.cat(rows_g)
 
 
 def strip_special(ids: Sequence[int], start_id: int = START_ID, end_id: int = END_ID) -> list[int]:
