@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from .errors import MaceError
@@ -76,12 +76,12 @@ _RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj",
 _VAE_ATTN = (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out"))
 
 
-def _resnet_rest(rest: str) -> str:
-    head, _, tail = rest.partition(".")
-    for new, old in _RESNET:
+def _rename_head(rest: str, table: tuple[tuple[str, str], ...]) -> str:
+    """``rest`` with its leading module path renamed by ``table`` ``(diffusers, ldm)``, else unchanged."""
+    for new, old in table:
         if rest.startswith(new + "."):
             return old + rest[len(new):]
-    return f"{head}.{tail}" if tail else head
+    return rest
 
 
 def unet_ldm_names(keys: list[str], config: Mapping[str, Any]) -> dict[str, str]:
@@ -104,19 +104,19 @@ def unet_ldm_names(keys: list[str], config: Mapping[str, Any]) -> dict[str, str]
                 if part == "downsamplers":
                     out[k] = f"input_blocks.{(i + 1) * per}.0.op.{rest.removeprefix('conv.')}"
                 elif part == "resnets":
-                    out[k] = f"input_blocks.{1 + i * per + j}.0.{_resnet_rest(rest)}"
+                    out[k] = f"input_blocks.{1 + i * per + j}.0.{_rename_head(rest, _RESNET)}"
                 else:
                     out[k] = f"input_blocks.{1 + i * per + j}.1.{rest}"
             else:
                 if part == "upsamplers":
                     out[k] = f"output_blocks.{i * per + per - 1}.{2 if i in attn_up else 1}.{rest}"
                 elif part == "resnets":
-                    out[k] = f"output_blocks.{i * per + j}.0.{_resnet_rest(rest)}"
+                    out[k] = f"output_blocks.{i * per + j}.0.{_rename_head(rest, _RESNET)}"
                 else:
                     out[k] = f"output_blocks.{i * per + j}.1.{rest}"
         elif mm:
             part, j, rest = mm.group(1), int(mm.group(2)), mm.group(3)
-            out[k] = f"middle_block.{2 * j}.{_resnet_rest(rest)}" if part == "resnets" else f"middle_block.{2 * j + 1}.{rest}"
+            out[k] = f"middle_block.{2 * j}.{_rename_head(rest, _RESNET)}" if part == "resnets" else f"middle_block.{2 * j + 1}.{rest}"
         else:
             raise MaceError(f"UNet tensor {k!r} has no SD1.x single-file name; only SD1.x-style UNets can be written")
     return out
@@ -147,11 +147,7 @@ def vae_ldm_names(keys: list[str], config: Mapping[str, Any]) -> dict[str, str]:
             if part == "resnets":
                 out[k] = f"{part_of}.mid.block_{int(j) + 1}.{rest}"
             else:
-                for new, old in _VAE_ATTN:
-                    if rest.startswith(new + "."):
-                        rest = old + rest[len(new):]
-                        break
-                out[k] = f"{part_of}.mid.attn_1.{rest}"
+                out[k] = f"{part_of}.mid.attn_1.{_rename_head(rest, _VAE_ATTN)}"
         else:
             raise MaceError(f"VAE tensor {k!r} has no SD1.x single-file name; only SD1.x-style VAEs can be written")
     return out
@@ -221,7 +217,11 @@ def write_tiny_sd1_checkpoint(path: str | os.PathLike[str], seed: int = 0) -> Pa
 # ---------------------------------------------------------------- loading
 
 
-def _check_sd1_file(path: str, keys: list[str], meta: Mapping[str, str], slice_shape: Any) -> None:
+def _float(t: Tensor) -> Tensor:
+    return t.float() if t.is_floating_point() else t
+
+
+def _check_sd1_file(path: str, keys: list[str], slice_shape: Any) -> None:
     where = f"checkpoint {path!r}"
     if not any(k.startswith(UNET_PREFIX) for k in keys):
         if any(k.startswith(("lora_", "diffusion_model.")) for k in keys) or any(".lora_" in k for k in keys[:50]):
@@ -273,20 +273,20 @@ def load_sd1_modules(path: str | os.PathLike[str]) -> tuple[nn.Module, nn.Module
 
     path = os.fspath(path)
     check_safetensors_file(path, "checkpoint")
-    with safe_open(path, framework="pt") as f:
-        keys = list(f.keys())
-        meta = dict(f.metadata() or {})
-        _check_sd1_file(path, keys, meta, lambda k: f.get_slice(k).get_shape())
+    try:  # one pass: check the layout, then read only the three models' tensors (not EMA copies etc.)
+        with safe_open(path, framework="pt") as f:
+            keys = list(f.keys())
+            meta = dict(f.metadata() or {})
+            _check_sd1_file(path, keys, lambda k: f.get_slice(k).get_shape())
+            ckpt = {k: _float(f.get_tensor(k)) for k in keys if k.startswith((UNET_PREFIX, CLIP_PREFIX, VAE_PREFIX))}
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise MaceError(f"checkpoint {path!r} is corrupt: {e}") from e
     configs = sd1_configs()
     if CONFIG_METADATA_KEY in meta:
         try:
             configs.update(json.loads(meta[CONFIG_METADATA_KEY]))
         except ValueError as e:
             raise MaceError(f"checkpoint {path!r}: metadata {CONFIG_METADATA_KEY} is not json ({e})") from e
-    raw, _ = read_safetensors(path, "checkpoint")
-    ckpt = {k: (v.float() if v.is_floating_point() else v) for k, v in raw.items()
-            if k.startswith((UNET_PREFIX, CLIP_PREFIX, VAE_PREFIX))}
-    del raw
 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(configs["unet"])

@@ -155,6 +155,16 @@ def longest_template(templates: Sequence[str], token_ids: TokenIds) -> str:
     return templates[max(range(len(templates)), key=lambda i: lengths[i])]
 
 
+def split_concept_line(raw: str, default_anchor: str) -> tuple[str, str, int] | None:
+    """One concept-list line -> ``(phrase, anchor, number of '->' parts)``, spaces normalised, the
+    (normalised) ``default_anchor`` when the line has no arrow; None for a blank or comment line."""
+    line = raw.split("#", 1)[0].strip()
+    if not line:
+        return None
+    parts = line.split(ARROW)
+    return _normalise(parts[0]), _normalise(parts[1]) if len(parts) == 2 else default_anchor, len(parts)
+
+
 def parse_concept_list(
     text: str,
     *,
@@ -178,20 +188,18 @@ def parse_concept_list(
     lines_of: list[int] = []
     seen: dict[str, int] = {}
     for n, raw in enumerate(text.splitlines(), start=1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
+        split = split_concept_line(raw, default_anchor)
+        if split is None:
             continue
+        phrase, anchor, n_parts = split
         where = f"concept list line {n} ({raw.strip()!r})"
-        parts = line.split(ARROW)
-        if len(parts) > 2:
+        if n_parts > 2:
             errors.append(f"{where}: more than one '{ARROW}'; write one 'phrase -> anchor' per line")
             continue
-        phrase = _normalise(parts[0])
-        anchor = _normalise(parts[1]) if len(parts) == 2 else default_anchor
         if not phrase:
             errors.append(f"{where}: empty phrase; write the phrase to erase before '{ARROW}'")
             continue
-        if len(parts) == 2 and not anchor:
+        if n_parts == 2 and not anchor:
             errors.append(
                 f"{where}: empty anchor after '{ARROW}'; give an anchor or drop the arrow to use "
                 f"the default anchor {default_anchor!r}"

@@ -60,18 +60,14 @@ def preset_payload(name: str) -> dict[str, Any]:
 def _concept_lines(text: str, default_anchor: str) -> list[tuple[int, str, str]]:
     """``(line, phrase, anchor)`` of each line that has both (the parser's splitting; other errors are
     the concept-list validator's business, not this route's)."""
-    from mace_ops.concepts import ARROW
+    from mace_ops.concepts import split_concept_line
 
     out = []
     default_anchor = " ".join(default_anchor.split())
     for n, raw in enumerate(text.splitlines(), start=1):
-        parts = raw.split("#", 1)[0].split(ARROW)
-        if len(parts) > 2:
-            continue
-        phrase = " ".join(parts[0].split())
-        anchor = " ".join(parts[1].split()) if len(parts) == 2 else default_anchor
-        if phrase and anchor:
-            out.append((n, phrase, anchor))
+        split = split_concept_line(raw, default_anchor)
+        if split is not None and split[2] <= 2 and split[0] and split[1]:
+            out.append((n, split[0], split[1]))
     return out
 
 
@@ -84,33 +80,27 @@ def token_counts_payload(
     """Tokens of each line's phrase and anchor (without start/end) and whether the kind's longest template
     prompt fits in 77 positions for both: the rule of ``parse_concept_list(..., token_ids=...)``.
     ``token_ids``: prompts -> padded ids (default: the SD1.x tokenizer, ``mace_ops.tokens``)."""
-    from mace_ops.concepts import templates_for
+    from mace_ops.concepts import longest_template, templates_for
     from mace_ops.errors import MaceError
-    from mace_ops.tokens import END_ID, MAX_LENGTH, sd1_token_ids, unpadded_length
+    from mace_ops.tokens import MAX_LENGTH, ids_fit, ids_token_count, sd1_token_ids
 
     if len(text) > MAX_TEXT:
         raise MaceError(f"text: {len(text)} characters, more than {MAX_TEXT}; split the concept list")
     token_ids = token_ids or sd1_token_ids
-    templates = templates_for(kind)
     rows = _concept_lines(text, default_anchor)
-    empty = token_ids([t.format("") for t in templates])
-    longest = templates[max(range(len(templates)), key=lambda i: unpadded_length(empty[i]))]
+    longest = longest_template(templates_for(kind), token_ids)
     words = [w for _, phrase, anchor in rows for w in (phrase, anchor)]
     if not words:
         return {"max_length": MAX_LENGTH, "template": longest, "error": None, "lines": []}
     alone = token_ids(words)
     in_template = token_ids([longest.format(w) for w in words])
-
-    def fits(ids: list[int]) -> bool:
-        return END_ID in ids and unpadded_length(ids) < MAX_LENGTH
-
     lines = []
     for i, (n, phrase, anchor) in enumerate(rows):
         lines.append({
             "line": n, "phrase": phrase, "anchor": anchor,
-            "phrase_tokens": max(unpadded_length(alone[2 * i]) - 2, 0),
-            "anchor_tokens": max(unpadded_length(alone[2 * i + 1]) - 2, 0),
-            "fits": fits(in_template[2 * i]) and fits(in_template[2 * i + 1]),
+            "phrase_tokens": ids_token_count(alone[2 * i]),
+            "anchor_tokens": ids_token_count(alone[2 * i + 1]),
+            "fits": ids_fit(in_template[2 * i]) and ids_fit(in_template[2 * i + 1]),
         })
     return {"max_length": MAX_LENGTH, "template": longest, "error": None, "lines": lines}
 
