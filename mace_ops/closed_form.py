@@ -322,11 +322,6 @@ class FusionProblem:
         self._tokens: int | None = 0
 
     @property
-    def names(self) -> list[str]:
-        """The matrix names, in the order of ``W1``."""
-        return list(self._names)
-
-    @property
     def num_concepts(self) -> int:
         return self._concepts
 

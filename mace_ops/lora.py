@@ -186,10 +186,6 @@ class LoRABank(nn.Module):
             self.ups[i][c].copy_(up / self.scale)
             self.downs[i][c].copy_(down)
 
-    def concept_parameters(self, concept_index: int) -> list[Tensor]:
-        """Views of one concept's rows in every parameter (for per-concept grad norms)."""
-        return [p[concept_index] for p in list(self.downs) + list(self.ups)]
-
 
 def _json(value: Any) -> str:
     return json.dumps(value, sort_keys=True)

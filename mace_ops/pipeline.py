@@ -73,12 +73,12 @@ class ErasureSettings:
     @classmethod
     def from_preset(cls, preset: Preset, **overrides: Any) -> ErasureSettings:
         """The preset's weights and training schedule; ``overrides`` replace any field."""
-        w = preset.weights
-        train = TrainConfig(
-            concepts_per_batch=8,
-            steps=int(preset.train.get("steps", 50)),
-            lr=float(preset.train.get("lr", 1e-4)),
-            timesteps=str(preset.train.get("timesteps", "cfis")),
+        w, base = preset.weights, cls().train
+        train = dataclasses.replace(
+            base,
+            steps=int(preset.train.get("steps", base.steps)),
+            lr=float(preset.train.get("lr", base.lr)),
+            timesteps=str(preset.train.get("timesteps", base.timesteps)),
         )
         settings = cls(
             cfr_preserve=float(w.get("cfr_preserve", 0.0)),
@@ -227,12 +227,15 @@ def refine_weights(
     ridge: float = 0.0,
     *,
     relative_ridge: float = 1e-6,
+    original: Mapping[str, Tensor] | None = None,
     progress: Progress | None = None,
     check_interrupt: Interrupt | None = None,
 ) -> dict[str, Tensor]:
-    """Stage 1, CFR: ``{name: W0 · M}`` for every to_k/to_v of ``host`` (DESIGN 2.2)."""
+    """Stage 1, CFR: ``{name: W0 · M}`` for every to_k/to_v of ``host`` (DESIGN 2.2); ``W0`` is the host's
+    unless ``original`` gives it."""
     cross, gram = concept_pair_moments(host, concepts, progress=progress, check_interrupt=check_interrupt)
-    return refine_cross_attention(host.cross_attention_weights(), cross, gram, preserve, ridge, relative_ridge)
+    w0 = original if original is not None else host.cross_attention_weights()
+    return refine_cross_attention(w0, cross, gram, preserve, ridge, relative_ridge)
 
 
 def fuse_weights(
@@ -299,7 +302,7 @@ def run_erasure(
     original = host.cross_attention_weights()
     refined = refine_weights(
         host, concepts, stats.groups(settings.cfr_preserve, settings.cfr_retained), settings.ridge,
-        relative_ridge=settings.relative_ridge, progress=emit, check_interrupt=check_interrupt,
+        relative_ridge=settings.relative_ridge, original=original, progress=emit, check_interrupt=check_interrupt,
     )
     data = generate_training_data(
         host, concepts, token_ids=host.token_ids, n_images=settings.n_images, seed=settings.seed,

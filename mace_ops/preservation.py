@@ -269,7 +269,7 @@ def _load_cached(path: Path, key: str, fingerprint: str, n_prompts: int) -> Seco
         )
     except Exception:  # noqa: BLE001 - an unreadable file (truncated, bad header) is rebuilt, never trusted
         return None
-    return SecondMoment(dim=s.shape[0], sum=s, count=count) if ok else None
+    return SecondMoment.from_state_dict(tensors) if ok else None
 
 
 def cached_preservation_moments(

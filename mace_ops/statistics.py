@@ -36,12 +36,6 @@ class SecondMoment:
         self.count += x.shape[0]
         return self
 
-    def merge(self, other: SecondMoment) -> SecondMoment:
-        """In-place ``self += other``."""
-        self.sum += other.sum.to(self.sum)
-        self.count += other.count
-        return self
-
     def mean(self) -> Tensor:
         """``sum / count`` (zeros when empty)."""
         return self.sum / max(self.count, 1)

@@ -97,10 +97,8 @@ def concept_token_positions(
     """Bool (L,) over the prompt's token positions: the phrase's tokens in ``prompt`` and, when
     ``include_end_tokens`` (the reference default), the end token and all padding after it (SD1.x pads
     with the end token). Start/end ids are read from the tokenizer's encoding of the empty prompt."""
-    empty = token_ids([""])[0]
+    empty, ids, phrase_ids = token_ids(["", prompt, phrase])
     start_id, end_id = int(empty[0]), int(empty[1])
-    ids = token_ids([prompt])[0]
-    phrase_ids = token_ids([phrase])[0]
     pos = phrase_positions(ids, phrase_ids, start_id=start_id, end_id=end_id)
     if not pos:
         raise MaceError(f"concept {phrase!r}: its tokens do not occur in the training prompt {prompt!r}")
@@ -165,15 +163,11 @@ class TrainConfig:
 # Resume cache: one safetensors file per finished concept
 
 
-def _digest_tensors(tensors: Mapping[str, Tensor | None]) -> str:
+def _digest_tensors(tensors: Mapping[str, Tensor]) -> str:
     h = hashlib.sha256()
     for name in sorted(tensors):
-        t = tensors[name]
         h.update(name.encode())
-        if t is None:
-            h.update(b"<none>")
-            continue
-        t = t.detach().cpu().contiguous()
+        t = tensors[name].detach().cpu().contiguous()
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
@@ -459,8 +453,9 @@ def _train_group(
             pick = torch.randint(0, s.latents.shape[0], (bs,), generator=s.generator)  # (bs,)
             t = sample_timesteps(bs, s.generator, config.timesteps, n_t)  # (bs,)
             eps = torch.randn((bs, *s.latents.shape[1:]), generator=s.generator)  # (bs, 4, h, w)
-            x0s.append(s.latents[pick.to(device)])
-            ms.append(s.masks[pick.to(device)])
+            pick = pick.to(device)
+            x0s.append(s.latents[pick])
+            ms.append(s.masks[pick])
             ts.append(t)
             eps_s.append(eps)
         x0 = torch.cat(x0s)  # (B, 4, h, w)
@@ -498,9 +493,9 @@ def _train_group(
                 )
             else:
                 still.append((j, c))
-        keep = torch.zeros_like(coef)
-        keep[[c for _, c in still]] = 1.0  # failed (and already finished) concepts: zero gradient
-        scale = torch.where(keep > 0, coef, torch.zeros_like(coef))
+        kept = [c for _, c in still]
+        scale = torch.zeros_like(coef)  # failed (and already finished) concepts: zero gradient
+        scale[kept] = coef[kept]
         for g in grads:
             g.mul_(scale.to(g.dtype).view(-1, *([1] * (g.ndim - 1))))
             if len(still) < len(active):
