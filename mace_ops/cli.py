@@ -148,13 +148,13 @@ def _losses(erasure: Any) -> dict[str, list[float]]:
     return {str(k): [float(x) for x in v] for k, v in raw.items()}
 
 
-def _provenance(erasure: Any, settings: Any) -> dict[str, str]:
+def _provenance(erasure: Any, settings_metadata: dict[str, Any]) -> dict[str, str]:
     from .io import concept_dicts
 
     return {
         "mace.concepts": json.dumps(concept_dicts(list(erasure.concepts))),
         "mace.base_fingerprint": str(erasure.base_fingerprint),
-        "mace.settings": json.dumps(settings.as_metadata() if hasattr(settings, "as_metadata") else {}, default=str),
+        "mace.settings": json.dumps(settings_metadata, default=str),
     }
 
 
@@ -167,9 +167,10 @@ def _write_outputs(stage: Path, *, checkpoint: Path | None, host: Any, erasure: 
     from .report import write_report
 
     original = host.cross_attention_weights()
+    settings_metadata = settings.as_metadata()  # what run_erasure stored as erasure.metadata["settings"]
     written: dict[str, Any] = {}
     if checkpoint is not None:
-        meta = _provenance(erasure, settings)
+        meta = _provenance(erasure, settings_metadata)
         if checkpoint.is_dir():
             target = stage / f"{checkpoint.name}_mace.safetensors"
             target.unlink(missing_ok=True)
@@ -194,7 +195,7 @@ def _write_outputs(stage: Path, *, checkpoint: Path | None, host: Any, erasure: 
                  concepts=concepts, retained=retained, losses=_losses(erasure), seed=settings.seed,
                  steps=settings.sample_steps, cfg=settings.cfg, image_size=settings.image_size,
                  max_image_concepts=report_images, max_retained_images=min(4, report_images),
-                 settings=settings.as_metadata() if hasattr(settings, "as_metadata") else None)
+                 settings=settings_metadata)
     written["report"] = "report/report.html"
     return written
 

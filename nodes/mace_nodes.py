@@ -48,7 +48,9 @@ def _need(value: Any, cls: type, name: str, producer: str) -> Any:
 
 
 def _lines(text: str) -> list[str]:
-    return [" ".join(s.split()) for s in (text or "").splitlines() if s.strip() and not s.lstrip().startswith("#")]
+    from mace_ops.preservation import prompt_lines
+
+    return prompt_lines(text or "")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -147,16 +149,17 @@ class MacePreservationSet:
         from .host import Progress, cache_dir, check_interrupt
 
         general = (default_corpus() if corpus == "default" else []) + _lines(prompts)
-        kept = retained_prompts(_lines(retained), retained_kind) if _lines(retained) else []
+        names = _lines(retained)
+        kept = retained_prompts(names, retained_kind) if names else []
         if not general and not kept:
             raise MaceError("prompts input: no preservation prompts; choose the default corpus or write prompts")
         host = _text_host(clip)
         progress = Progress({"preservation:general": len(general), "preservation:retained": len(kept)})
         stats = preservation_statistics(
-            host, general or [], kept, cache_dir=cache_dir("preservation"), progress=progress.pipeline,
+            host, general, kept, cache_dir=cache_dir("preservation"), progress=progress.pipeline,
             check_interrupt=check_interrupt,
         )
-        return (PreservationValue(stats, host.text_encoder_fingerprint(), len(general), kept),)
+        return (PreservationValue(stats, host.text_encoder_fingerprint()),)
 
 
 def _text_host(clip: Any):
@@ -311,7 +314,7 @@ class MaceTrainConceptLoRA:
             progress=tee(progress.stage("train"), events.train), check_interrupt=check_interrupt,
             cache_dir=cache_dir("loras"),
         )
-        return (BankValue(bank, list(cv.concepts), losses, original.model_fingerprint(), train_cfg, cv.settings),)
+        return (BankValue(bank, list(cv.concepts), losses, original.model_fingerprint(), cv.settings),)
 
 
 def _user_data(cv: ConceptsValue, images: Any, masks: Any, images_for: str):
@@ -462,22 +465,15 @@ class MaceSaveErasure:
         }
 
     def save(self, erasure, filename_prefix):
-        import dataclasses
+        import os
 
-        import torch
-
-        from mace_ops.io import save_erasure
+        from mace_ops.io import save_erasure_diffs
 
         from .host import new_output_path, output_dir
 
         ev = _need(erasure, ErasureValue, "erasure", "Fuse LoRAs or Load Erasure")
         path = new_output_path(filename_prefix, "safetensors")
-        # the file stores differences: hand them over as weights on a zero base (exact)
-        as_diffs = dataclasses.replace(ev.erasure, weights=dict(ev.diffs))
-        zeros = {n: torch.zeros_like(d) for n, d in ev.diffs.items()}
-        written = save_erasure(as_diffs, zeros, path, overwrite=False)
-        import os
-
+        written = save_erasure_diffs(ev.diffs, ev.erasure, path, overwrite=False)
         rel = os.path.relpath(str(written), output_dir())
         return {"ui": {"text": [rel]}, "result": ()}
 
@@ -579,7 +575,6 @@ class MaceErasurePreview:
         numbers = kv_metrics(before.cross_attention_weights(), after.cross_attention_weights(), before.encode,
                              before.token_ids, concepts, kept)
         prompts = [concept_prompt_pairs(c)[0][0] for c in concepts[: int(max_concepts)]] + kept
-        rows = []
         if prompts:
             progress = Progress({"before": steps, "after": steps})
             imgs_b = before.generate(prompts, seed=int(seed), steps=int(steps), cfg=float(cfg), height=int(image_size),
@@ -589,11 +584,11 @@ class MaceErasurePreview:
             rows = torch.cat([before.to_comfy_image(imgs_b), before.to_comfy_image(imgs_a)], dim=2)  # (B, H, 2W, 3)
         else:
             rows = torch.zeros(1, 64, 128, 3)
-        text = _report_text(numbers, prompts, len(concepts[: int(max_concepts)]))
+        text = _report_text(numbers, prompts)
         return {"ui": {"text": [text]}, "result": (rows, text)}
 
 
-def _report_text(numbers: dict[str, Any], prompts: list[str], n_concept_rows: int) -> str:
+def _report_text(numbers: dict[str, Any], prompts: list[str]) -> str:
     lines = ["MACE erasure preview (rows: before | after)", "", "Erased concepts (anchor distance before -> after, "
              "remaining: 0 = keys/values equal the anchor's, 1 = unchanged):"]
     for c in numbers["concepts"]:

@@ -8,7 +8,7 @@ MACE_ERASURE      ErasureValue       the erased matrices, their differences to t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 CONCEPTS = "MACE_CONCEPTS"
@@ -24,16 +24,11 @@ class ConceptsValue:
     settings: Any  # mace_ops.pipeline.ErasureSettings (the preset's weights, or the defaults)
     preset: str | None = None
 
-    def __len__(self) -> int:
-        return len(self.concepts)
-
 
 @dataclass
 class PreservationValue:
     statistics: Any  # mace_ops.pipeline.PreservationStatistics
     text_encoder_fingerprint: str
-    prompts: int = 0
-    retained_prompts: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -42,7 +37,6 @@ class BankValue:
     concepts: list[Any]
     losses: dict[str, list[float]]
     base_fingerprint: str
-    train_config: Any = None  # mace_ops.train.TrainConfig used
     erasure_settings: Any = None  # the concept list's ErasureSettings (fusion weights of its preset)
 
 

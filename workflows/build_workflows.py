@@ -104,6 +104,16 @@ class Decl:
                 values.append(CONTROL_VALUE)
         return values
 
+    def named_values(self, values: list[Any]) -> dict[str, Any]:
+        """{widget name: value} of a node's widgets_values (the control values after seeds skipped)."""
+        it = iter(values)
+        named = {}
+        for name, kind, opts, _ in self.widgets:
+            named[name] = next(it)
+            if has_control_widget(name, kind, opts):
+                next(it)
+        return named
+
 
 def has_control_widget(name: str, kind: str, opts: dict[str, Any]) -> bool:
     """Does the front-end add a 'control after generate' widget after this one?"""
@@ -291,14 +301,12 @@ def _workload(task: Task, g: Graph, concept_list: dict, train: dict, preview: di
     from mace_ops.concepts import load_preset, parse_concept_list
 
     d = g.decls
-    cw = dict(zip([w[0] for w in d["MaceConceptList"].widgets], concept_list["widgets_values"], strict=True))
+    cw = d["MaceConceptList"].named_values(concept_list["widgets_values"])
     preset = None if cw["preset"] == "none" else load_preset(cw["preset"])
     text = cw["concepts"]
     concepts = parse_concept_list(text, default_anchor=cw["default_anchor"]) if text.strip() else preset.concepts
-    names = [w[0] for w in d["MaceTrainConceptLoRA"].widgets]
-    tw = dict(zip(names, [v for v in train["widgets_values"] if v != CONTROL_VALUE], strict=True))
-    pnames = [w[0] for w in d["MaceErasurePreview"].widgets]
-    pw = dict(zip(pnames, [v for v in preview["widgets_values"] if v != CONTROL_VALUE], strict=True))
+    tw = d["MaceTrainConceptLoRA"].named_values(train["widgets_values"])
+    pw = d["MaceErasurePreview"].named_values(preview["widgets_values"])
     steps = tw["steps"] or (int(preset.train["steps"]) if preset else 50)
     n = len(concepts)
     size = tw["image_size"]
@@ -403,12 +411,7 @@ def to_api(workflow: dict[str, Any], decls: dict[str, Decl] | None = None) -> di
         d = decls[node["type"]]
         if d.virtual:
             continue
-        inputs: dict[str, Any] = {}
-        values = iter(node["widgets_values"])
-        for name, kind, opts, _ in d.widgets:
-            inputs[name] = next(values)
-            if has_control_widget(name, kind, opts):
-                next(values)
+        inputs = d.named_values(node["widgets_values"])
         for slot in node["inputs"]:
             if slot["link"] is not None:
                 lk = links[slot["link"]]
