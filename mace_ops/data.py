@@ -40,9 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .attention import layer_hw
 from .concepts import Concept, training_prompt
 from .errors import MaceError
 from .hosts.base import Host
+from .io import atomic_write_text
 from .lora import seed_from
 from .tokens import TokenIds, phrase_positions
 
@@ -73,8 +75,6 @@ class AttentionMaskAccumulator:
         self.total: Tensor | None = None  # (n, h, w) float64
 
     def __call__(self, block: str, probs: Tensor) -> None:  # probs (n, heads, N, 77)
-        from .attention import layer_hw
-
         n, _, n_pix, _ = probs.shape
         a = probs.index_select(-1, self.positions.to(probs.device)).sum(-1).mean(1)  # (n, N)
         lh, lw = layer_hw(n_pix, self.h, self.w)
@@ -143,9 +143,19 @@ def _check_masks(c: Concept, masks: Tensor, n: int, size: tuple[int, int]) -> Te
     return m.contiguous()
 
 
+def _levels(images: Tensor) -> Tensor:
+    """[-1, 1] -> the nearest 8-bit level 0..255, still in the images' dtype."""
+    return torch.round((images.clamp(-1, 1) + 1) * 127.5)
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """[-1, 1] -> the nearest 8-bit level, uint8, same shape (what a PNG stores)."""
+    return _levels(images).to(torch.uint8)
+
+
 def quantize_images(images: Tensor) -> Tensor:
     """[-1, 1] -> the nearest of the 256 levels an 8-bit PNG stores, back in [-1, 1]."""
-    return torch.round((images.clamp(-1, 1) + 1) * 127.5) / 127.5 - 1
+    return _levels(images) / 127.5 - 1
 
 
 # ------------------------------------------------------------------------------------------ cache
@@ -171,15 +181,13 @@ def _write_cache(folder: Path, meta: dict, images: Tensor, masks: Tensor | None)
     meta_path = folder / "meta.json"
     if meta_path.exists():
         meta_path.unlink()  # invalid while being rewritten
-    pixels = torch.round((images.clamp(-1, 1) + 1) * 127.5).to(torch.uint8)  # (n, 3, H, W)
+    pixels = to_uint8(images)  # (n, 3, H, W)
     for i in range(images.shape[0]):
         _save_png(folder / f"{i}.png", pixels[i].permute(1, 2, 0).numpy())
         if masks is not None:
             big = masks[i].repeat_interleave(8, 0).repeat_interleave(8, 1)  # (H, W)
             _save_png(folder / f"{i}_mask.png", torch.round(big * 255).to(torch.uint8).numpy())
-    tmp = folder / ".meta.json.tmp"
-    tmp.write_text(json.dumps(meta, sort_keys=True, indent=1), encoding="utf-8")
-    os.replace(tmp, meta_path)
+    atomic_write_text(meta_path, json.dumps(meta, sort_keys=True, indent=1))
 
 
 def _read_cache(folder: Path, meta: dict, with_masks: bool) -> tuple[Tensor, Tensor | None] | None:
@@ -245,6 +253,16 @@ def generate_training_data(
     to_generate = [c for c in concepts if c.phrase not in user_images]
     total = len(to_generate) * n_images * steps
     done = 0
+
+    def tick(count: int, phrase: str, *, interruptible: bool = True) -> None:
+        """Count ``count`` image-steps done, report them, then let the caller interrupt (when ``interruptible``)."""
+        nonlocal done
+        done += count
+        if progress is not None:
+            progress(done, total, phrase)
+        if interruptible and check_interrupt is not None:
+            check_interrupt()
+
     out: list[ConceptData] = []
     for c in concepts:
         prompt = training_prompt(c)
@@ -253,9 +271,9 @@ def generate_training_data(
             images = _check_images(c, user_images[c.phrase])
             masks = None
         else:
-            images, masks, done = _generated(
+            images, masks = _generated(
                 host, c, prompt, token_ids, n_images, seed, steps, cfg, size, batch_size, mask_threshold,
-                cache_dir, progress, check_interrupt, done, total,
+                cache_dir, tick,
             )
         n, _, H, W = images.shape
         if c.phrase in user_masks:
@@ -282,15 +300,13 @@ def _generated(
     batch_size: int,
     threshold: float,
     cache_dir: str | os.PathLike[str] | None,
-    progress: Callable[[int, int, str], None] | None,
-    check_interrupt: Callable[[], None] | None,
-    done: int,
-    total: int,
-) -> tuple[Tensor, Tensor | None, int]:
-    """Sample (or reload) concept ``c``'s images and derived masks; returns them and the step count."""
+    tick: Callable[..., None],
+) -> tuple[Tensor, Tensor | None]:
+    """Sample (or reload) concept ``c``'s images and derived masks; ``tick(count, phrase)`` after each
+    sampler step (``interruptible=False`` for a cache hit's one report)."""
     with_masks = c.kind != "style"
-    ids = token_ids([prompt])[0]
-    positions = phrase_positions(ids, token_ids([c.phrase])[0])
+    ids, phrase_ids = token_ids([prompt, c.phrase])
+    positions = phrase_positions(ids, phrase_ids)
     if with_masks and not positions:
         raise MaceError(f"concept {c.phrase!r}: its tokens are not found in the prompt {prompt!r}; shorten the phrase")
     s_c = seed_from(seed, c.phrase, "data")
@@ -311,10 +327,8 @@ def _generated(
     if folder is not None:
         hit = _read_cache(folder, meta, with_masks)
         if hit is not None:
-            done += n * steps
-            if progress is not None:
-                progress(done, total, c.phrase)
-            return hit[0], hit[1], done
+            tick(n * steps, c.phrase, interruptible=False)
+            return hit[0], hit[1]
 
     images, masks = [], []
     for start in range(0, n, batch_size):
@@ -322,12 +336,7 @@ def _generated(
         acc = AttentionMaskAccumulator(positions, size // 8, size // 8) if with_masks else None
 
         def step(i: int, _total: int, count: int = count) -> None:
-            nonlocal done
-            done += count
-            if progress is not None:
-                progress(done, total, c.phrase)
-            if check_interrupt is not None:
-                check_interrupt()
+            tick(count, c.phrase)
 
         batch = host.generate(
             [prompt] * count, seed=s_c + start, steps=steps, cfg=cfg, height=size, width=size,
@@ -340,7 +349,7 @@ def _generated(
     msks = torch.cat(masks) if with_masks else None
     if folder is not None:
         _write_cache(folder, meta, imgs, msks)
-    return imgs, msks, done
+    return imgs, msks
 
 
 __all__ = [
@@ -349,4 +358,5 @@ __all__ = [
     "generate_training_data",
     "quantize_images",
     "threshold_map",
+    "to_uint8",
 ]

@@ -32,8 +32,9 @@ import torch
 from torch import Tensor
 
 from .concepts import Concept, concept_prompt_pairs
+from .data import to_uint8
 from .errors import MaceError
-from .tokens import align_prompt_pair, phrase_positions
+from .tokens import aligned_rows, phrase_positions
 
 REPORT_VERSION = 1
 Encode = Callable[[Sequence[str]], Tensor]
@@ -100,12 +101,7 @@ def kv_metrics(
         fs, gs = [p for p, _ in pairs], [a for _, a in pairs]
         ids_f, ids_g = token_ids(fs), token_ids(gs)
         e_f, e_g = encode(fs).float(), encode(gs).float()  # (P, 77, d_ctx)
-        rows_f, rows_g = [], []
-        for i in range(len(pairs)):
-            pf, pg = align_prompt_pair(ids_f[i], ids_g[i])
-            rows_f.append(e_f[i, pf.to(e_f.device)])
-            rows_g.append(e_g[i, pg.to(e_g.device)])
-        ef, eg = torch.cat(rows_f), torch.cat(rows_g)  # (n, d_ctx)
+        ef, eg = aligned_rows(e_f, e_g, ids_f, ids_g)  # (n, d_ctx)
         w0, w1 = weights_on(ef.device)
         target = eg @ w0.T  # (n, Σ d_out): the anchor's keys/values before
         den = col_sq(target).sum(0)  # (M,)
@@ -161,8 +157,7 @@ class AttentionMass:
 
 def _to_uint8(image: Tensor) -> np.ndarray:
     """(3, H, W) in [-1, 1] -> (H, W, 3) uint8."""
-    x = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(1, 2, 0).numpy()
+    return to_uint8(image.detach().float().cpu()).permute(1, 2, 0).numpy()
 
 
 def save_png(image: Tensor, path: Path) -> None:

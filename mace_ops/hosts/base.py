@@ -20,11 +20,13 @@ while open, routes the cross-attention of the UNet through our code and is fully
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import hashlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+import torch
 from torch import Tensor
 
 LinearFn = Callable[[Tensor], Tensor]
@@ -137,6 +139,34 @@ def check_generate_args(prompts: Sequence[str], *, steps: int, height: int, widt
     return prompts
 
 
+def check_matrix_names(what: str, given: Iterable[str], known: Mapping[str, object] | set[str]) -> None:
+    """Refuse names in ``given`` that are not in ``known`` (``what``: "weights" or "linears")."""
+    from ..errors import MaceError
+
+    unknown = [n for n in given if n not in known]
+    if unknown:
+        raise MaceError(f"{what} for unknown matrices {unknown[:3]}: names must be '<block>.to_k' / '.to_v'")
+
+
+def check_weight_shapes(weights: Mapping[str, Tensor], shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Refuse a weight whose shape is not ``shapes[name]`` (every name of ``weights`` is in ``shapes``)."""
+    from ..errors import MaceError
+
+    for n, w in weights.items():
+        if tuple(w.shape) != shapes[n]:
+            raise MaceError(f"weights {n} of shape {tuple(w.shape)}; the model needs {shapes[n]}")
+
+
+def weights_fingerprint(weights: Mapping[str, Tensor], names: Sequence[str]) -> str:
+    """sha256 over ``name, shape, float32 little-endian bytes`` of ``weights[name]`` for ``names`` in order."""
+    h = hashlib.sha256()
+    for name in names:
+        w = weights[name].detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{name}:{tuple(w.shape)}\n".encode())
+        h.update(w.numpy().astype("<f4", copy=False).tobytes())
+    return h.hexdigest()
+
+
 def sd1_block_names() -> list[str]:
     """The 16 cross-attention block names of SD1.x in forward order."""
     ins = [f"input_blocks.{i}.1.transformer_blocks.0.attn2" for i in (1, 2, 4, 5, 7, 8)]
@@ -157,6 +187,9 @@ __all__ = [
     "LinearFn",
     "UNetFn",
     "check_generate_args",
+    "check_matrix_names",
+    "check_weight_shapes",
     "matrix_names",
     "sd1_block_names",
+    "weights_fingerprint",
 ]

@@ -53,8 +53,18 @@ from torch import Tensor, nn
 
 from ..attention import explicit_attention
 from ..errors import MaceError
-from .base import AttentionFn, CrossAttentionBlock, LinearFn, UNetFn, check_generate_args, matrix_names
-from .diffusers import weights_fingerprint
+from ..tokens import MAX_LENGTH
+from .base import (
+    AttentionFn,
+    CrossAttentionBlock,
+    LinearFn,
+    UNetFn,
+    check_generate_args,
+    check_matrix_names,
+    check_weight_shapes,
+    matrix_names,
+    weights_fingerprint,
+)
 
 UNET_PREFIX = "diffusion_model."
 ATTACHMENT = "mace_base"
@@ -82,6 +92,11 @@ def comfy_block_key(block: str) -> tuple[str, int, int]:
     if m.group("kind") is None:
         return "middle", 0, int(m.group("index"))
     return m.group("kind"), int(m.group("number")), int(m.group("index"))
+
+
+def _comfy_pixels(images: Tensor) -> Tensor:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) in [0, 1], float32 CPU, a permuted view (not contiguous)."""
+    return ((images.float().cpu() + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 3, 1)
 
 
 def effective_weight(patcher: Any, key: str, *, patched: bool = True) -> Tensor:
@@ -117,7 +132,7 @@ class _FnLinear(nn.Module):
 class ComfyHost:
     """A ``Host`` over ComfyUI's MODEL, CLIP and VAE (none of them is ever mutated)."""
 
-    max_length: int = 77
+    max_length: int = MAX_LENGTH
 
     def __init__(
         self,
@@ -161,10 +176,15 @@ class ComfyHost:
 
     def original_weights(self) -> dict[str, Tensor]:
         """The to_k/to_v of the base model this MODEL was derived from by MACE (its own when none)."""
+        return self._original_weights()
+
+    def _original_weights(self, current: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """``original_weights``; ``current``: this host's ``cross_attention_weights()`` when already at hand
+        (returned as they are when there is no attachment, instead of being computed again)."""
         att = self._attachment()
         if att is not None:
             return {k: v.clone() for k, v in att["weights"].items()}
-        return self.cross_attention_weights()
+        return current if current is not None else self.cross_attention_weights()
 
     def model_fingerprint(self) -> str:
         """``weights_fingerprint`` (as the diffusers host) of the to_k/to_v AS LOADED from the checkpoint
@@ -245,7 +265,7 @@ class ComfyHost:
                 cond = clip.encode_from_tokens({key: chunk})  # (1, 77·n, d)
                 n = len(chunk)
                 if cond.shape[1] != n * self.max_length:
-                    raise MaceError(f"CLIP input: got {cond.shape[1]} states for {n} prompts; expected 77 each")
+                    raise MaceError(f"CLIP input: got {cond.shape[1]} states for {n} prompts; expected {MAX_LENGTH} each")
                 parts.append(cond.reshape(n, self.max_length, cond.shape[-1]).float().cpu())
             return normal_tensor(torch.cat(parts))
 
@@ -268,13 +288,9 @@ class ComfyHost:
         """A host on ``model.clone()`` whose to_k/to_v are ``weights`` (missing names keep this host's);
         the patches are the differences to this host's weights. This host's MODEL is untouched."""
         current = self.cross_attention_weights()
-        unknown = [n for n in weights if n not in current]
-        if unknown:
-            raise MaceError(f"weights for unknown matrices {unknown[:3]}: names must be '<block>.to_k' / '.to_v'")
-        for n, w in weights.items():
-            if tuple(w.shape) != tuple(current[n].shape):
-                raise MaceError(f"weights {n} of shape {tuple(w.shape)}; the model needs {tuple(current[n].shape)}")
-        base = {"weights": self.original_weights()}
+        check_matrix_names("weights", weights, current)
+        check_weight_shapes(weights, {n: tuple(w.shape) for n, w in current.items()})
+        base = {"weights": self._original_weights(current)}  # current is never written below
         clone = self.model.clone()
         with torch.inference_mode(False):
             diffs = {
@@ -332,10 +348,7 @@ class ComfyHost:
         """Yield ``unet(x_t, t, context) -> eps`` on the private UNet copy (see the module docstring)."""
         self._need_model()
         linears = dict(linears or {})
-        names = set(matrix_names(list(self._modules)))
-        unknown = [n for n in linears if n not in names]
-        if unknown:
-            raise MaceError(f"linears for unknown matrices {unknown[:3]}: names must be '<block>.to_k' / '.to_v'")
+        check_matrix_names("linears", linears, set(matrix_names(list(self._modules))))
         unet = self._private_unet()
         attn2 = {b: unet.get_submodule(b) for b in self._modules}
         saved: list[tuple[nn.Module, str, nn.Module]] = []
@@ -395,7 +408,7 @@ class ComfyHost:
         vae = self._need_vae()
         if images.ndim != 4 or images.shape[1] != 3:
             raise MaceError(f"images of shape {tuple(images.shape)}: expected (B, 3, H, W) in [-1, 1]")
-        pixels = ((images.detach().float().cpu() + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 3, 1)  # (B,H,W,3)
+        pixels = _comfy_pixels(images.detach())  # (B,H,W,3), not made contiguous
         with torch.no_grad():
             raw = vae.encode(pixels)
             return normal_tensor(self._latent_format().process_in(raw.float().cpu()))
@@ -410,9 +423,10 @@ class ComfyHost:
                 images = images.reshape(-1, *images.shape[-3:])
             return normal_tensor(images.float().cpu().permute(0, 3, 1, 2) * 2.0 - 1.0)
 
-    def to_comfy_image(self, images: Tensor) -> Tensor:
-        """(B, 3, H, W) in [-1, 1] -> ComfyUI IMAGE (B, H, W, 3) in [0, 1]."""
-        return ((images.float().cpu() + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 3, 1).contiguous()
+    @staticmethod
+    def to_comfy_image(images: Tensor) -> Tensor:
+        """(B, 3, H, W) in [-1, 1] -> ComfyUI IMAGE (B, H, W, 3) in [0, 1], contiguous."""
+        return _comfy_pixels(images).contiguous()
 
     # ------------------------------------------------------------------ sampling
     def generate(

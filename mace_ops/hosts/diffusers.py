@@ -21,7 +21,6 @@ the empty prompt, ``eps = eps_u + cfg·(eps_c - eps_u)``; prompt ``i``'s initial
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -33,15 +32,32 @@ from torch import Tensor, nn
 
 from ..attention import explicit_attention, sdpa_attention
 from ..errors import MaceError
-from ..tiny import SD1_SCALING_FACTOR, build_tiny_sd, ldm_cross_attention_names, sd1_alphas_cumprod
+from ..tiny import (
+    SD1_BETA_END,
+    SD1_BETA_START,
+    SD1_SCALING_FACTOR,
+    SD1_TRAIN_STEPS,
+    build_tiny_sd,
+    ldm_cross_attention_names,
+    sd1_alphas_cumprod,
+)
 from ..tokens import MAX_LENGTH, load_sd1_tokenizer, sd1_token_ids
-from .base import AttentionFn, CrossAttentionBlock, LinearFn, UNetFn, check_generate_args
+from .base import (
+    AttentionFn,
+    CrossAttentionBlock,
+    LinearFn,
+    UNetFn,
+    check_generate_args,
+    check_matrix_names,
+    check_weight_shapes,
+    weights_fingerprint,
+)
 
 #: SD1.x's sampler settings (scheduler_config.json of the SD1.x pipelines), for DDIMScheduler.from_config
 SD1_SCHEDULER_CONFIG: dict[str, Any] = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
+    "num_train_timesteps": SD1_TRAIN_STEPS,
+    "beta_start": SD1_BETA_START,
+    "beta_end": SD1_BETA_END,
     "beta_schedule": "scaled_linear",
     "clip_sample": False,
     "set_alpha_to_one": False,
@@ -49,16 +65,6 @@ SD1_SCHEDULER_CONFIG: dict[str, Any] = {
     "prediction_type": "epsilon",
     "timestep_spacing": "leading",
 }
-
-
-def weights_fingerprint(weights: Mapping[str, Tensor], names: Sequence[str]) -> str:
-    """sha256 over ``name, shape, float32 little-endian bytes`` of ``weights[name]`` for ``names`` in order."""
-    h = hashlib.sha256()
-    for name in names:
-        w = weights[name].detach().to("cpu", torch.float32).contiguous()
-        h.update(f"{name}:{tuple(w.shape)}\n".encode())
-        h.update(w.numpy().astype("<f4", copy=False).tobytes())
-    return h.hexdigest()
 
 
 def _check_sd1_attention(name: str, attn: nn.Module) -> None:
@@ -248,12 +254,8 @@ class DiffusersHost:
     def with_weights(self, weights: Mapping[str, Tensor]) -> DiffusersHost:
         """A new host sharing the modules whose to_k/to_v are ``weights`` (missing names keep this host's)."""
         shapes = {n: tuple(w.shape) for n, w in self._original_weights().items()}
-        unknown = [n for n in weights if n not in shapes]
-        if unknown:
-            raise MaceError(f"weights for unknown matrices {unknown[:3]}: names must be '<block>.to_k' / '.to_v'")
-        for n, w in weights.items():
-            if tuple(w.shape) != shapes[n]:
-                raise MaceError(f"weights {n} of shape {tuple(w.shape)}; the model needs {shapes[n]}")
+        check_matrix_names("weights", weights, shapes)
+        check_weight_shapes(weights, shapes)
         new = object.__new__(DiffusersHost)
         new.__dict__.update(self.__dict__)
         new._weights = {**self._weights, **{n: w.detach().to(self.device).clone() for n, w in weights.items()}}
@@ -315,10 +317,7 @@ class DiffusersHost:
     ) -> Iterator[UNetFn]:
         """Our processor on every cross-attention block while open; the original processors come back on exit."""
         linears = dict(linears or {})
-        known = set(self._original_weights())
-        unknown = [n for n in linears if n not in known]
-        if unknown:
-            raise MaceError(f"linears for unknown matrices {unknown[:3]}: names must be '<block>.to_k' / '.to_v'")
+        check_matrix_names("linears", linears, set(self._original_weights()))
         for n, w in self._weights.items():
             linears.setdefault(n, _weight_linear(w))
         saved: list[tuple[nn.Module, Any]] = []
