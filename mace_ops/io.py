@@ -67,14 +67,33 @@ def unique_path(path: str | os.PathLike[str]) -> Path:
     raise MaceError(f"no free file name next to {str(p)!r}; clean up that folder")
 
 
+def _umask() -> int:
+    """The process umask: read from /proc on Linux (setting it to read it would race other threads)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _temp_file(folder: Path, name: str) -> str:
+    """A new empty file next to ``folder / name`` (hidden, unique, mode 0o600 until ``_place``); its path."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    return tmp
+
+
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write a UTF-8 text file through a temporary file in its folder and ``os.replace`` (replaces ``path``)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    tmp = _temp_file(path.parent, path.name)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
-        os.replace(tmp, path)
+        _place(tmp, path, overwrite=True)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -87,7 +106,12 @@ def _write_safetensors(tensors: Mapping[str, Tensor], path: str, metadata: dict[
 
 
 def _place(tmp: str, path: Path, overwrite: bool) -> None:
-    """Move ``tmp`` to ``path``; without ``overwrite`` never replaces a file that appeared meanwhile."""
+    """Move ``tmp`` to ``path``; without ``overwrite`` never replaces a file that appeared meanwhile.
+
+    The file gets the mode ``open()`` would give (0o666 minus the umask), not the temp file's 0o600 (which
+    safetensors also sets when it writes): a saved checkpoint or erasure is then as readable by others as
+    any other file of the user's."""
+    os.chmod(tmp, 0o666 & ~_umask())
     if overwrite:
         os.replace(tmp, path)
         return
@@ -125,8 +149,7 @@ def atomic_save_safetensors(
     folder = path.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-        os.close(fd)
+        tmp = _temp_file(folder, path.name)
     except OSError as e:
         raise MaceError(f"cannot write in folder {str(folder)!r} ({e.strerror or e}); choose a writable folder") from e
     try:

@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import pickle
+import stat
 import struct
 import sys
 import zipfile
@@ -260,3 +261,17 @@ def test_comfyui_lora_loader_accepts_our_keys(tmp_path):
         key = f"diffusion_model.{n}.weight"
         theirs = comfy.lora.calculate_weight([(0.7, patches[key], 1.0, None, None)], w0.clone(), key)
         torch.testing.assert_close(theirs, ours[n])
+
+
+def test_written_files_get_the_users_usual_mode_not_mkstemps_0600(tmp_path):
+    old = os.umask(0o022)
+    try:
+        expected = 0o666 & ~0o022  # what open() gives: others may read a saved checkpoint or erasure
+        mio.atomic_save_safetensors({"a": torch.zeros(2)}, tmp_path / "x.safetensors")
+        mio.atomic_write_text(tmp_path / "x.txt", "hi")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "x.safetensors").stat().st_mode) == expected
+    assert stat.S_IMODE((tmp_path / "x.txt").stat().st_mode) == expected
+    assert (tmp_path / "x.txt").read_text() == "hi"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.safetensors", "x.txt"]  # no temp file left
