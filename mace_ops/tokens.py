@@ -1,12 +1,8 @@
 """The SD1.x CLIP tokenizer without any hub, token ids, and token alignment of prompt pairs.
 
 SD1.x tokenizes with OpenAI CLIP ViT-L/14's byte-level BPE: ``<|startoftext|>`` = 49406, then the
-tokens, then ``<|endoftext|>`` = 49407, padded to 77 with 49407. The BPE file
-``bpe_simple_vocab_16e6.txt.gz`` ships inside several PyPI wheels (``open-clip-torch``, ``clip``);
-``vocab.json``/``merges.txt`` are derived from it here exactly as CLIP builds its encoder:
-
-    merges = lines 1 .. 48894 of the file (line 0 is a version header)
-    vocab  = 256 byte characters, the same + "</w>", each merge joined, <|startoftext|>, <|endoftext|>
+tokens, then ``<|endoftext|>`` = 49407, padded to 77 with 49407. The tokenizer is built from the BPE
+file shipped in this package (``mace_ops.clip_bpe``: which file, and CLIP's vocab/merges from it).
 
 Everything downstream takes a pluggable ``token_ids(prompts) -> list[list[int]]`` (``TokenIds``) so
 that inside ComfyUI the host's own tokenizer is used; ``sd1_token_ids`` is the default.
@@ -14,9 +10,7 @@ that inside ComfyUI the host's own tokenizer is used; ``sd1_token_ids`` is the d
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import importlib.util
 import json
 import os
 import tempfile
@@ -28,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .clip_bpe import bpe_source, clip_vocab_and_merges, read_bpe_text
 from .errors import MaceError
 from .io import atomic_write_text
 
@@ -36,85 +31,6 @@ TokenIds = Callable[[Sequence[str]], list[list[int]]]
 START_ID = 49406
 END_ID = 49407
 MAX_LENGTH = 77
-BPE_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
-N_MERGES = 49152 - 256 - 2  # 48894 merges: CLIP's vocabulary is 49408 entries
-_ENV_BPE = "MACE_CLIP_BPE"
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """CLIP/GPT-2 byte -> printable unicode character table (256 entries, bijective), in CLIP's order:
-    the printable bytes first (mapped to themselves), then the others (mapped to chr(256 + k))."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    table = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
-def clip_vocab_and_merges(bpe_path: str | os.PathLike) -> tuple[dict[str, int], list[str]]:
-    """Derive CLIP's ``vocab`` (token -> id, 49408 entries) and ``merges`` ("a b" lines) from the BPE file."""
-    with gzip.open(bpe_path, "rt", encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    merges = lines[1 : N_MERGES + 1]
-    if len(merges) != N_MERGES or any(len(m.split(" ")) != 2 for m in merges):
-        raise MaceError(
-            f"CLIP BPE file {bpe_path} is not a valid {BPE_FILENAME}; reinstall it (see load_sd1_tokenizer)"
-        )
-    byte_chars = list(_bytes_to_unicode().values())
-    tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split(" ")) for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {t: i for i, t in enumerate(tokens)}
-    if len(vocab) != len(tokens) or vocab["<|endoftext|>"] != END_ID:
-        raise MaceError(
-            f"CLIP BPE file {bpe_path} gives an unexpected vocabulary; use the original {BPE_FILENAME}"
-        )
-    return vocab, merges
-
-
-def _package_dir(name: str) -> Path | None:
-    """Folder of an installed package, found WITHOUT importing it (open_clip needs torchvision)."""
-    try:
-        spec = importlib.util.find_spec(name)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def find_bpe_file(bpe_path: str | os.PathLike | None = None) -> Path | None:
-    """The BPE file: the argument, env ``MACE_CLIP_BPE``, then the ``open_clip`` / ``clip`` package folders."""
-    if bpe_path is not None:
-        p = Path(bpe_path)
-        if not p.is_file():
-            raise MaceError(f"CLIP BPE file {p} does not exist; give the path of {BPE_FILENAME}")
-        return p
-    env = os.environ.get(_ENV_BPE)
-    if env:
-        p = Path(env)
-        if not p.is_file():
-            raise MaceError(f"{_ENV_BPE}={env} does not exist; point it at {BPE_FILENAME} or unset it")
-        return p
-    for pkg in ("open_clip", "clip"):
-        d = _package_dir(pkg)
-        if d is not None and (d / BPE_FILENAME).is_file():
-            return d / BPE_FILENAME
-    return None
-
-
-def _comfy_tokenizer_dir() -> Path | None:
-    root = os.environ.get("COMFYUI_PATH")
-    if not root:
-        return None
-    d = Path(root) / "comfy" / "sd1_tokenizer"
-    return d if (d / "vocab.json").is_file() and (d / "merges.txt").is_file() else None
 
 
 def _cache_root() -> Path:
@@ -129,13 +45,15 @@ def _cache_root() -> Path:
         return root
 
 
-def _tokenizer_dir_from_bpe(bpe: Path) -> Path:
-    """A folder with vocab.json/merges.txt derived from ``bpe``, cached by the file's sha256."""
-    digest = hashlib.sha256(bpe.read_bytes()).hexdigest()[:16]
-    d = _cache_root() / digest
+@lru_cache(maxsize=8)
+def _tokenizer_dir(path: str, what: str, mtime_ns: int, size: int) -> Path:
+    """A folder with vocab.json/merges.txt derived from the BPE source ``path``, cached on disk by the
+    sha256 of its text (and in memory by path, mtime and size: one stat per tokenizer lookup)."""
+    text = read_bpe_text(path, what)
+    d = _cache_root() / hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
     if (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
         return d
-    vocab, merges = clip_vocab_and_merges(bpe)
+    vocab, merges = clip_vocab_and_merges(text, what)
     d.mkdir(parents=True, exist_ok=True)
     atomic_write_text(d / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
     atomic_write_text(d / "vocab.json", json.dumps(vocab, ensure_ascii=False))
@@ -165,20 +83,17 @@ def _load_from_dir(d: str) -> Any:
 def load_sd1_tokenizer(bpe_path: str | os.PathLike | None = None) -> Any:
     """SD1.x's CLIP tokenizer (openai/clip-vit-large-patch14) built offline, pad = end = 49407, max 77.
 
-    Looks for ``bpe_simple_vocab_16e6.txt.gz`` in: ``bpe_path``; env ``MACE_CLIP_BPE``; the installed
-    ``open_clip`` or ``clip`` package folder (not imported); else uses ``$COMFYUI_PATH/comfy/sd1_tokenizer``.
+    The BPE file is ``bpe_path``, else env ``MACE_CLIP_BPE``, else the copy shipped in ``assets/clip``
+    (``mace_ops.clip_bpe``); either override may be the ``.gz`` or a wheel/zip that contains it.
     """
-    bpe = find_bpe_file(bpe_path)
-    if bpe is not None:
-        return _load_from_dir(str(_tokenizer_dir_from_bpe(bpe)))
-    comfy = _comfy_tokenizer_dir()
-    if comfy is not None:
-        return _load_from_dir(str(comfy))
-    raise MaceError(
-        f"no SD1.x CLIP tokenizer found: {BPE_FILENAME} is missing. Install it with "
-        f"`pip install --no-deps open-clip-torch` (only its BPE file is used; it is never imported), "
-        f"or set {_ENV_BPE} to the path of {BPE_FILENAME}, or set COMFYUI_PATH to a ComfyUI checkout"
-    )
+    path, what = bpe_source(bpe_path)
+    st = path.stat()
+    key = (str(path), what, st.st_mtime_ns, st.st_size)
+    d = _tokenizer_dir(*key)
+    if not (d / "vocab.json").is_file():  # the on-disk cache was removed meanwhile: derive it again
+        _tokenizer_dir.cache_clear()
+        d = _tokenizer_dir(*key)
+    return _load_from_dir(str(d))
 
 
 def sd1_token_ids(prompts: Sequence[str], tokenizer: Any = None) -> list[list[int]]:

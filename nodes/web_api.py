@@ -250,7 +250,7 @@ def register_routes() -> bool:
         kind = str(body.get("kind", "object"))
         try:
             return web.json_response(await asyncio.to_thread(token_counts_payload, text, anchor, kind))
-        except MaceError as e:  # bad kind, text too long, no tokenizer installed
+        except MaceError as e:  # bad kind, text too long, a bad MACE_CLIP_BPE
             return web.json_response({"error": str(e), "lines": []}, status=400)
 
     routes.get("/mace/presets")(presets)

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import gzip
+import hashlib
+import importlib.util
 import shutil
+import zipfile
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mace_ops import tokens
+from mace_ops import clip_bpe, tokens
+from mace_ops.clip_bpe import BPE_FILENAME, SHIPPED_BPE, clip_vocab_and_merges, find_bpe_file, read_bpe_text
 from mace_ops.errors import MaceError
 from mace_ops.tokens import (
     END_ID,
     START_ID,
     align_prompt_pair,
-    find_bpe_file,
     load_sd1_tokenizer,
     phrase_positions,
     phrase_token_count,
@@ -64,14 +68,43 @@ def test_tokenizer_is_cached():
     assert load_sd1_tokenizer() is load_sd1_tokenizer()
 
 
+SHIPPED_SHA256 = "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a"  # OpenAI CLIP's file
+
+
+def test_shipped_bpe_file_is_pinned_and_licensed():
+    assert SHIPPED_BPE.name == BPE_FILENAME and SHIPPED_BPE.parent.name == "clip"
+    assert hashlib.sha256(SHIPPED_BPE.read_bytes()).hexdigest() == SHIPPED_SHA256
+    notice = (SHIPPED_BPE.parent / "LICENSE.txt").read_text(encoding="utf-8")
+    assert "Copyright (c) 2021 OpenAI" in notice and "MIT License" in notice and SHIPPED_SHA256 in notice
+
+
+def test_shipped_file_is_used_without_open_clip(monkeypatch, tmp_path):
+    """No open_clip / clip package findable, no env: the shipped copy is used and tokenizes correctly."""
+    real_find_spec = importlib.util.find_spec
+
+    def no_clip_packages(name, *args, **kwargs):
+        return None if name.split(".")[0] in ("open_clip", "clip") else real_find_spec(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", no_clip_packages)
+    monkeypatch.delenv("MACE_CLIP_BPE", raising=False)
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert importlib.util.find_spec("open_clip") is None
+    assert find_bpe_file() == SHIPPED_BPE
+    tokens._tokenizer_dir.cache_clear()
+    tok = load_sd1_tokenizer()
+    assert tok("a photo of a cat")["input_ids"] == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert (tmp_path / "cache" / "mace" / "clip_tokenizer").is_dir()  # derived from the shipped file just now
+
+
 def test_bpe_lookup_order(monkeypatch, tmp_path):
-    real = find_bpe_file()
-    assert real is not None and real.name == tokens.BPE_FILENAME
+    monkeypatch.delenv("MACE_CLIP_BPE", raising=False)
+    assert find_bpe_file() == SHIPPED_BPE
     copy = tmp_path / "x.txt.gz"
-    shutil.copy(real, copy)
+    shutil.copy(SHIPPED_BPE, copy)
     monkeypatch.setenv("MACE_CLIP_BPE", str(copy))
     assert find_bpe_file() == copy
-    assert find_bpe_file(real) == real  # the argument wins over the env
+    assert find_bpe_file(SHIPPED_BPE) == SHIPPED_BPE  # the argument wins over the env
     monkeypatch.setenv("MACE_CLIP_BPE", str(tmp_path / "missing.gz"))
     with pytest.raises(MaceError, match="MACE_CLIP_BPE"):
         find_bpe_file()
@@ -79,21 +112,70 @@ def test_bpe_lookup_order(monkeypatch, tmp_path):
         find_bpe_file(tmp_path / "missing.gz")
 
 
-def test_comfy_folder_fallback_and_missing_error(monkeypatch, tmp_path):
+def _wheel_with_bpe(path, member="open_clip/" + BPE_FILENAME, data=None):
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("open_clip/__init__.py", "raise SystemExit('never imported')\n")
+        zf.writestr(member, SHIPPED_BPE.read_bytes() if data is None else data)
+    return path
+
+
+def test_bpe_from_a_wheel_or_zip(monkeypatch, tmp_path):
+    """A wheel/zip holding the .gz anywhere inside works as MACE_CLIP_BPE and as the argument."""
+    wheel = _wheel_with_bpe(tmp_path / "open_clip_torch-3.3.0-py3-none-any.whl")
+    nested = _wheel_with_bpe(tmp_path / "bundle.zip", member="deep/er/" + BPE_FILENAME)
+    expected = gzip.decompress(SHIPPED_BPE.read_bytes()).decode("utf-8")
+    for source in (wheel, nested):
+        assert read_bpe_text(source) == expected
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    derived = tokens._tokenizer_dir_from_bpe(find_bpe_file())  # vocab.json + merges.txt written by us
-    comfy = tmp_path / "ComfyUI" / "comfy" / "sd1_tokenizer"
-    comfy.mkdir(parents=True)
-    for name in ("vocab.json", "merges.txt"):
-        shutil.copy(derived / name, comfy / name)
-    monkeypatch.delenv("MACE_CLIP_BPE", raising=False)
-    monkeypatch.setattr(tokens, "_package_dir", lambda name: None)
-    monkeypatch.setenv("COMFYUI_PATH", str(tmp_path / "ComfyUI"))
+    monkeypatch.setenv("MACE_CLIP_BPE", str(wheel))
     tok = load_sd1_tokenizer()
     assert tok("a photo of Taylor Swift")["input_ids"] == [49406, 320, 1125, 539, 3961, 8229, 49407]
-    monkeypatch.delenv("COMFYUI_PATH")
-    with pytest.raises(MaceError, match="pip install --no-deps open-clip-torch"):
-        load_sd1_tokenizer()
+    monkeypatch.delenv("MACE_CLIP_BPE")
+    tok2 = load_sd1_tokenizer(nested)
+    assert tok2("a photo of a cat")["input_ids"] == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert not any(p.name == BPE_FILENAME for p in tmp_path.rglob("*") if p.parent != tmp_path)  # not extracted
+
+
+def test_bad_bpe_sources_are_refused_clearly(monkeypatch, tmp_path):
+    text = tmp_path / "vocab.txt"
+    text.write_text("not a vocabulary", encoding="utf-8")
+    no_member = tmp_path / "other.whl"
+    with zipfile.ZipFile(no_member, "w") as zf:
+        zf.writestr("pkg/readme.txt", "hello")
+    broken_gz = tmp_path / "broken.txt.gz"
+    broken_gz.write_bytes(SHIPPED_BPE.read_bytes()[:5000])
+    wrong_gz = tmp_path / "wrong.txt.gz"
+    wrong_gz.write_bytes(gzip.compress(b"#version\nonly two\nlines here\n"))
+    bad_member = _wheel_with_bpe(tmp_path / "bad_member.whl", data=b"PK not gzip at all")
+    cases = [(text, "neither a gzip file nor a wheel/zip"), (no_member, "without " + BPE_FILENAME),
+             (broken_gz, "is damaged"), (bad_member, "is damaged"), (wrong_gz, "not a valid")]
+    for path, message in cases:
+        monkeypatch.setenv("MACE_CLIP_BPE", str(path))
+        with pytest.raises(MaceError, match=message) as err:
+            load_sd1_tokenizer()
+        msg = str(err.value)
+        # names the variable and its value, and says how to fix it
+        assert f"MACE_CLIP_BPE={str(path)!r}" in msg and "unset MACE_CLIP_BPE" in msg, msg
+        with pytest.raises(MaceError, match=message):  # the same through the argument
+            load_sd1_tokenizer(path)
+
+
+def test_oversized_bpe_member_is_refused_unread(monkeypatch, tmp_path):
+    monkeypatch.setattr(clip_bpe, "MAX_BYTES", 1000)
+    with pytest.raises(MaceError, match="larger than 1000 bytes"):
+        read_bpe_text(_wheel_with_bpe(tmp_path / "big.whl"))
+    with pytest.raises(MaceError, match="larger than 1000 bytes"):
+        read_bpe_text(SHIPPED_BPE)
+
+
+def test_clip_vocab_matches_the_tokenizer():
+    """Independent check of the derivation: merges are the file's lines 1..48894 and ids follow CLIP's layout."""
+    text = gzip.decompress(SHIPPED_BPE.read_bytes()).decode("utf-8")
+    vocab, merges = clip_vocab_and_merges(text)
+    lines = text.split("\n")
+    assert merges[0] == lines[1] and merges[-1] == lines[48894] and len(vocab) == 49408
+    assert vocab["a</w>"] == 320 and vocab["<|startoftext|>"] == START_ID and vocab["<|endoftext|>"] == END_ID
+    assert vocab[merges[0].replace(" ", "")] == 512  # first merge follows the 2 x 256 byte tokens
 
 
 def _pad(ids: list[int], n: int = 12) -> list[int]:

@@ -49,7 +49,6 @@ grep -vE '^(torch|torchvision|torchaudio|spandrel)([<>=~ ]|$)' "$COMFY/requireme
 # this pack and its test dependencies, never another torch
 "$PIP" install -q -c "$VENV/torch-constraint.txt" peft safetensors pytest
 "$PIP" install -q --no-deps -e "$REPO"
-"$PIP" install -q --no-deps open-clip-torch==3.3.0   # only for its BPE file (our SD1 tokenizer)
 ln -sfn "$REPO" "$COMFY/custom_nodes/mace"
 
 "$VENV/bin/python" -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
