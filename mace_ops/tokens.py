@@ -140,25 +140,25 @@ def align_prompt_pair(
     """Positions ``(pos_f, pos_g)`` pairing a concept prompt with its anchor twin, outside the differing span.
 
     With ``L = `` unpadded length (through the first end token) of each side:
-    - the common prefix (incl. the start token) pairs index for index, ``i <-> i``;
-    - the common suffix of the unpadded parts (shared words after the span, then the end token) and the
-      padding after it pair in order from the end token: ``L_f - k <-> L_g - k`` before it and
-      ``L_f + k <-> L_g + k`` after it;
+    - the longest common prefix (incl. the start token) is taken FIRST and pairs index for index, ``i <-> i``;
+    - then the longest common suffix of what is left of the unpadded parts (shared words after the span,
+      then the end token) and the padding after it pair in order from the end token: ``L_f - k <-> L_g - k``
+      before it and ``L_f + k <-> L_g + k`` after it;
     - when the spans differ in length, the longer unpadded side has fewer padding positions; the other
       side's surplus trailing positions are dropped so both lists have the same length.
+    Prefix first matters when the span repeats a neighbouring token (``"a photo of a cat"`` vs
+    ``"a photo of a a cat"``): the first ``a`` after ``of`` pairs with the first, as in the reference MACE code.
     Identical prompts pair all positions. Returns two int64 tensors of equal length, ascending.
     """
     f, g = list(ids_concept), list(ids_anchor)
     lf, lg = unpadded_length(f, end_id), unpadded_length(g, end_id)
-    # common suffix of the unpadded parts (ends with the end token), at most as long as the shorter side
-    suffix = 0
-    while suffix < min(lf, lg) and f[lf - 1 - suffix] == g[lg - 1 - suffix]:
-        suffix += 1
-    # common prefix, never overlapping the suffix on either side
     prefix = 0
-    limit = min(lf, lg) - suffix
-    while prefix < limit and f[prefix] == g[prefix]:
+    while prefix < min(lf, lg) and f[prefix] == g[prefix]:
         prefix += 1
+    # common suffix of the unpadded parts (ends with the end token), never overlapping the prefix
+    suffix = 0
+    while suffix < min(lf, lg) - prefix and f[lf - 1 - suffix] == g[lg - 1 - suffix]:
+        suffix += 1
     pos_f = list(range(prefix))
     pos_g = list(range(prefix))
     # suffix + padding: from the suffix start to the end of the shorter tail

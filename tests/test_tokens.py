@@ -230,8 +230,50 @@ def test_align_prefix_and_suffix_never_overlap():
     g = _pad([S, 7, 7, 7, E], 6)
     pf, pg = align_prompt_pair(f, g)
     assert len(set(pf.tolist())) == len(pf) and len(set(pg.tolist())) == len(pg)
-    assert pf.tolist() == [0, 1, 2, 3, 4] and pg.tolist() == [0, 2, 3, 4, 5]
+    # prefix first (S 7 7), then the suffix of the rest (E): the anchor's third 7 is the unpaired one
+    assert pf.tolist() == [0, 1, 2, 3, 4] and pg.tolist() == [0, 1, 2, 4, 5]
     assert [f[i] for i in pf] == [g[i] for i in pg]
+
+
+def _brute_force_pairs(f: list[int], g: list[int], end: int = E) -> list[tuple[int, int]]:
+    """Independent statement of the rule: among all (p, s) with the first p tokens equal, the last s
+    unpadded tokens equal and p + s <= min(L_f, L_g), the largest p, then the largest s; then pairs
+    i <-> i below p and, from the suffix start on, position for position while both sides have one."""
+    lf = next((i + 1 for i, t in enumerate(f) if t == end), len(f))
+    lg = next((i + 1 for i, t in enumerate(g) if t == end), len(g))
+    shortest = min(lf, lg)
+    p = max(n for n in range(shortest + 1) if all(f[i] == g[i] for i in range(n)))
+    s = max(n for n in range(shortest - p + 1) if all(f[lf - 1 - k] == g[lg - 1 - k] for k in range(n)))
+    pairs = [(i, i) for i in range(p)]
+    i, j = lf - s, lg - s
+    while i < len(f) and j < len(g):
+        pairs.append((i, j))
+        i, j = i + 1, j + 1
+    return pairs
+
+
+def test_align_repeated_token_takes_the_prefix_first():
+    """'a photo of a cat' vs 'a photo of a a cat' (and the reverse): the repeated 'a' after 'of' pairs
+    with the first 'a' (prefix first, as the reference MACE code), and the second one is the span."""
+    cat, double = sd1_token_ids(["a photo of a cat", "a photo of a a cat"])
+    assert cat[:7] == [S, 320, 1125, 539, 320, 2368, E] and double[:8] == [S, 320, 1125, 539, 320, 320, 2368, E]
+    for f, g in ((cat, double), (double, cat)):
+        pf, pg = align_prompt_pair(f, g)
+        assert list(zip(pf.tolist(), pg.tolist(), strict=True)) == _brute_force_pairs(f, g)
+    pf, pg = align_prompt_pair(cat, double)
+    # S a photo of a <-> same positions; cat E <-> the anchor's cat E; the anchor's position 5 is unpaired
+    assert pf.tolist() == list(range(77 - 1)) and pg.tolist() == [0, 1, 2, 3, 4] + list(range(6, 77))
+    pf, pg = align_prompt_pair(double, cat)
+    assert pf.tolist() == [0, 1, 2, 3, 4] + list(range(6, 77)) and pg.tolist() == list(range(77 - 1))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(1, 2), max_size=8), st.lists(st.integers(1, 2), max_size=8))
+def test_align_matches_brute_force(body_f, body_g):
+    n = 12
+    f, g = _pad([S, *body_f, E], n), _pad([S, *body_g, E], n)
+    pf, pg = align_prompt_pair(f, g)
+    assert list(zip(pf.tolist(), pg.tolist(), strict=True)) == _brute_force_pairs(f, g)
 
 
 def test_phrase_positions_all_occurrences():
