@@ -15,7 +15,6 @@ Exit codes: 0 done, 2 bad input (the message says what to fix), 130 interrupted.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
@@ -26,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MaceError
+from .run_inputs import check_new_folder, check_run_inputs, read_text
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 2, 130
-DEFAULT_ANCHORS = {"object": "a person", "style": "art"}
 DEMO_PRESERVE_PROMPTS = 200
 
 
@@ -72,63 +71,6 @@ def _say(text: str) -> None:
 
 
 # ---------------------------------------------------------------- shared helpers
-
-
-def _read_text(path: str, what: str) -> str:
-    p = Path(path)
-    if not p.is_file():
-        raise MaceError(f"{what} {path!r} does not exist; give a text file")
-    try:
-        return p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise MaceError(f"{what} {path!r} is not UTF-8 text ({e}); save it as UTF-8") from e
-
-
-def _check_new_folder(out: Path, what: str = "--out") -> None:
-    if out.exists():
-        raise MaceError(f"{what} {str(out)!r} exists; MACE never overwrites: choose a new folder")
-    parent = out.resolve().parent
-    if not parent.is_dir():
-        raise MaceError(f"{what} {str(out)!r}: folder {str(parent)!r} does not exist; create it first")
-    if not os.access(parent, os.W_OK):
-        raise MaceError(f"{what} {str(out)!r}: folder {str(parent)!r} is not writable; choose another place")
-
-
-def _concepts_and_settings(args: argparse.Namespace, token_ids: Any) -> tuple[list, list[str], Any]:
-    """(concepts, retained prompts, ErasureSettings) from --concepts/--preset and the overrides."""
-    from .concepts import load_preset, parse_concept_list
-    from .pipeline import ErasureSettings
-    from .preservation import read_prompt_file, retained_prompts
-
-    retained: list[str] = []
-    if args.preset:
-        preset = load_preset(args.preset)
-        concepts = list(preset.concepts)
-        retained = retained_prompts(preset.retained, preset.kind) if preset.retained else []
-        settings = ErasureSettings.from_preset(preset)
-    else:
-        kind = args.kind
-        anchor = args.anchor or DEFAULT_ANCHORS[kind]
-        concepts = parse_concept_list(_read_text(args.concepts, "concept list"), default_anchor=anchor, kind=kind,
-                                      token_ids=token_ids, max_concepts=args.max_concepts)
-        settings = ErasureSettings()
-    if args.retained:
-        retained = read_prompt_file(args.retained)
-    train = settings.train
-    if args.steps is not None:
-        train = dataclasses.replace(train, steps=args.steps)
-    if args.lr is not None:
-        train = dataclasses.replace(train, lr=args.lr)
-    train = dataclasses.replace(train, seed=args.seed)
-    overrides: dict[str, Any] = {"seed": args.seed, "train": train.check()}
-    for field, value in (("n_images", args.images), ("image_size", args.size), ("sample_steps", args.sample_steps)):
-        if value is not None:
-            overrides[field] = value
-    if args.size is not None and (args.size % 8 or args.size <= 0):
-        raise MaceError(f"--size {args.size}: give a positive multiple of 8 (e.g. 512)")
-    if args.images is not None and args.images < 1:
-        raise MaceError(f"--images {args.images}: give at least 1")
-    return concepts, retained, dataclasses.replace(settings, **overrides)
 
 
 def _run_pipeline(host: Any, concepts: list, retained: list[str], settings: Any, *, preserve: list[str] | None,
@@ -212,32 +154,29 @@ def _finish(stage: Path, out: Path, cache: Path, keep_cache: bool) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """Check every cheap input first (``run_inputs``: nothing loaded or written on a bad one), then load
+    the model and erase."""
     from .checkpoint import load_sd1_host
-    from .preservation import read_prompt_file
 
-    out = Path(args.out)
-    _check_new_folder(out)
-    checkpoint = Path(args.checkpoint)
-    if not checkpoint.exists():
-        raise MaceError(f"--checkpoint {args.checkpoint!r} does not exist; give an SD1.x .safetensors file or a "
-                        "diffusers folder")
-    preserve = read_prompt_file(args.preserve) if args.preserve else None
+    inputs = check_run_inputs(args)
+    out, checkpoint, concepts = inputs.out, inputs.checkpoint, inputs.concepts
     stage = Path(str(out) + ".partial")
     cache = Path(args.cache) if args.cache else stage / "cache"
     t0 = time.time()
     if not args.quiet:
-        _say(f"loading {checkpoint} ...")
+        _say(f"inputs checked ({len(concepts)} concepts); loading {checkpoint} ...")
     host = load_sd1_host(checkpoint, device=args.device)
-    concepts, retained, settings = _concepts_and_settings(args, host.token_ids)
     if stage.exists() and not args.quiet:
         _say(f"resuming: reusing finished work in {stage}")
     stage.mkdir(parents=True, exist_ok=True)
     (stage / "command.json").write_text(json.dumps(vars(args), default=str, indent=1), encoding="utf-8")
     if not args.quiet:
         _say(f"erasing {len(concepts)} concepts (cache: {cache})")
-    erasure = _run_pipeline(host, concepts, retained, settings, preserve=preserve, cache=cache, quiet=args.quiet)
+    erasure = _run_pipeline(host, concepts, inputs.retained, inputs.settings, preserve=inputs.preserve,
+                            cache=cache, quiet=args.quiet)
     written = _write_outputs(stage, checkpoint=checkpoint, host=host, erasure=erasure, concepts=concepts,
-                             retained=retained, settings=settings, report_images=args.report_images, quiet=args.quiet)
+                             retained=inputs.retained, settings=inputs.settings, report_images=args.report_images,
+                             quiet=args.quiet)
     _finish(stage, out, cache, args.keep_cache)
     print(f"done in {time.time() - t0:.0f} s: {out / written['checkpoint']}, {out / written['erasure']}, "
           f"report {out / written['report']}")
@@ -266,7 +205,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .io import unique_path
 
     out = Path(args.out) if args.out else unique_path(Path("mace-demo"))
-    _check_new_folder(out)
+    check_new_folder(out)
+    if args.preserve_prompts < 1:
+        raise MaceError(f"--preserve-prompts {args.preserve_prompts}: give at least 1")
     t0 = time.time()
     if not args.quiet:
         _say("building the tiny SD1-shaped model (random weights: images are noise-like; the mechanism is real)")
@@ -274,8 +215,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     concepts, settings = demo_concepts(), demo_settings(args.seed)
     from .preservation import default_corpus
 
-    if args.preserve_prompts < 1:
-        raise MaceError(f"--preserve-prompts {args.preserve_prompts}: give at least 1")
     preserve = default_corpus()[: args.preserve_prompts]
     stage = Path(str(out) + ".partial")
     stage.mkdir(parents=True, exist_ok=True)
@@ -326,7 +265,7 @@ def _erased_names(args: argparse.Namespace, checkpoint: Path, erasure_concepts: 
     from .io import read_safetensors_metadata
 
     if args.erased:
-        return [" ".join(x.split()) for x in _read_text(args.erased, "--erased").splitlines() if x.strip()]
+        return [" ".join(x.split()) for x in read_text(args.erased, "--erased").splitlines() if x.strip()]
     if erasure_concepts is not None:
         return [c.phrase for c in erasure_concepts]
     if checkpoint.is_file():
@@ -466,7 +405,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .report import save_png
 
     out = Path(args.out)
-    _check_new_folder(out)
+    check_new_folder(out)
     if args.seeds < 1 or args.steps < 1 or args.size % 8 or args.size <= 0:
         raise MaceError("--seeds and --steps must be >= 1 and --size a positive multiple of 8")
     checkpoint = Path(args.checkpoint)

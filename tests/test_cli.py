@@ -5,18 +5,22 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import pickle
+import struct
 import subprocess
 import sys
 
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
-from mace_ops import cli
+from mace_ops import cli, run_inputs
 from mace_ops.checkpoint import write_tiny_sd1_checkpoint
 from mace_ops.hosts.base import matrix_names, sd1_block_names
 from mace_ops.io import load_erasure
+from mace_ops.tokens import sd1_token_ids
 
 FAST = ["--images", "1", "--size", "64", "--sample-steps", "2", "--steps", "2", "--report-images", "0", "--quiet"]
 
@@ -220,7 +224,7 @@ def test_preset_and_overrides(tmp_path):
     args = cli.build_parser().parse_args(
         ["run", "--checkpoint", "x", "--preset", "celebrities_10", "--out", str(tmp_path / "o"), "--steps", "7",
          "--images", "3", "--seed", "5"])
-    concepts, retained, settings = cli._concepts_and_settings(args, token_ids=None)
+    concepts, retained, settings = run_inputs.concepts_and_settings(args, token_ids=None)
     from mace_ops.concepts import load_preset
     from mace_ops.preservation import retained_prompts
 
@@ -230,3 +234,135 @@ def test_preset_and_overrides(tmp_path):
     assert settings.train.steps == 7 and settings.n_images == 3 and settings.seed == 5 and settings.train.seed == 5
     assert settings.fusion_preserve == preset.weights["fusion_preserve"]
     assert settings.train.lr == float(preset.train["lr"])
+
+
+# ---------------------------------------------------------------- cheap inputs before the model
+
+
+class _Marker:
+    """Unpickling this creates the folder ``path``: the proof that something was unpickled."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Every way ``run`` could load a model fails the test."""
+    from mace_ops import checkpoint
+    from mace_ops.hosts.diffusers import DiffusersHost
+
+    def loader(*args, **kwargs):
+        pytest.fail("the model was loaded although a cheap input is bad")
+
+    monkeypatch.setattr(checkpoint, "load_sd1_host", loader)
+    monkeypatch.setattr(checkpoint, "load_sd1_modules", loader)
+    monkeypatch.setattr(DiffusersHost, "from_pretrained", classmethod(loader))
+
+
+def _terabyte_header(path):
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2**38], "data_offsets": [0, 2**40]}}).encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 64)
+    return path
+
+
+def _bad_input_cases(tmp_path, tiny_file):
+    """(argv without --out or with a bad one, expected message) for each cheap input gone wrong."""
+    d = tmp_path / "in"
+    d.mkdir()
+    good = d / "good.txt"
+    good.write_text("Taylor Swift -> a person\nairplane -> sky\n", encoding="utf-8")
+    typo = d / "typo.txt"
+    typo.write_text("Taylor Swift -> a person\nairplane -> sky\nVan Gogh -> -> art\n", encoding="utf-8")
+    long = d / "long.txt"
+    long.write_text("cat -> a dog\n" + " ".join(["word"] * 80) + "\n", encoding="utf-8")
+    empty = d / "empty.txt"
+    empty.write_text("# nothing\n", encoding="utf-8")
+    latin1 = d / "latin1.txt"
+    latin1.write_bytes("caf\xe9 -> a cup\n".encode("latin-1"))
+    zero = d / "zero.safetensors"
+    zero.write_bytes(b"")
+    pickled = d / "model.ckpt"
+    pickled.write_bytes(pickle.dumps({"state_dict": _Marker(str(tmp_path / "UNPICKLED"))}))
+    lora = d / "lora.safetensors"
+    save_file({"lora_unet_down.lora_up.weight": torch.zeros(2, 2)}, str(lora))
+    not_model = d / "folder"
+    not_model.mkdir()
+    a_file = d / "a_file"
+    a_file.write_text("x", encoding="utf-8")
+    exists = tmp_path / "exists"
+    exists.mkdir()
+    ck, out = ["--checkpoint", str(tiny_file)], ["--out", str(tmp_path / "o")]
+    c = ["--concepts", str(good)]
+    return [
+        ([*ck, "--concepts", str(typo), *out], "--concepts: concept list line 3"),
+        ([*ck, "--concepts", str(long), *out], "concept list line 2: phrase"),
+        ([*ck, "--concepts", str(empty), *out], "concept list is empty"),
+        ([*ck, "--concepts", str(d / "missing.txt"), *out], "does not exist"),
+        ([*ck, "--concepts", str(latin1), *out], "not UTF-8"),
+        ([*ck, *c, *out, "--max-concepts", "1"], "more than the limit of 1"),
+        ([*ck, "--preset", "celebrities_1OO", *out], "unknown preset"),
+        ([*ck, *c, "--out", str(exists)], "exists; MACE never overwrites"),
+        ([*ck, *c, "--out", str(tmp_path / "no" / "o")], "does not exist; create it first"),
+        ([*ck, *c, *out, "--size", "30"], "--size 30: give a positive multiple of 8"),
+        ([*ck, *c, *out, "--images", "0"], "--images 0"),
+        ([*ck, *c, *out, "--steps", "0"], "--steps 0"),
+        ([*ck, *c, *out, "--sample-steps", "0"], "--sample-steps 0"),
+        ([*ck, *c, *out, "--report-images", "-1"], "--report-images -1"),
+        ([*ck, *c, *out, "--lr", "-1"], "--lr -1.0: give a positive learning rate"),
+        ([*ck, *c, *out, "--device", "gpu"], "--device 'gpu' is not a torch device"),
+        ([*ck, *c, *out, "--cache", str(a_file)], "--cache"),
+        ([*ck, *c, *out, "--preserve", str(empty)], "--preserve: prompt file"),
+        ([*ck, *c, *out, "--retained", str(d / "missing.txt")], "--retained: prompt file"),
+        (["--checkpoint", str(d / "nope.safetensors"), *c, *out], "--checkpoint: checkpoint"),
+        (["--checkpoint", str(zero), *c, *out], "is truncated (0 bytes)"),
+        (["--checkpoint", str(not_model), *c, *out], "has no unet/ subfolder: it is not a model"),
+        (["--checkpoint", str(pickled), *c, *out], "never unpickled"),
+        (["--checkpoint", str(_terabyte_header(d / "tb.safetensors")), *c, *out], "is truncated: 1099511"),
+        (["--checkpoint", str(lora), *c, *out], "looks like a LoRA"),
+    ]
+
+
+def test_run_checks_every_cheap_input_before_loading_the_model(tmp_path, tiny_file, no_model_load, capsys):
+    """Each bad cheap input: exit 2, its message, no model load, nothing written, nothing unpickled."""
+    cases = _bad_input_cases(tmp_path, tiny_file)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    for argv, message in cases:
+        capsys.readouterr()
+        assert cli.main(["run", *argv, "--quiet"]) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (argv, err)
+        assert err.count("\n") <= 3, err  # only this input is named (a 1-3 line message)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # no out, out.partial, cache or marker
+
+
+def test_run_reports_all_bad_cheap_inputs_at_once(tmp_path, tiny_file, no_model_load, capsys):
+    concepts = tmp_path / "c.txt"
+    concepts.write_text("cat -> a dog\nbad -> -> line\ncat -> a dog\n", encoding="utf-8")
+    (tmp_path / "o").mkdir()
+    argv = ["run", "--checkpoint", str(tmp_path / "nope"), "--concepts", str(concepts), "--out", str(tmp_path / "o"),
+            "--preserve", str(tmp_path / "none.txt"), "--size", "30"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    for message in ("--out", "--checkpoint: checkpoint", "--preserve: prompt file", "line 2", "line 3", "--size 30"):
+        assert message in err, (message, err)
+
+
+def test_run_inputs_are_read_once_with_the_shipped_tokenizer(tmp_path, tiny_file, monkeypatch):
+    """Good inputs: the concepts come parsed (the shipped tokenizer checked their length) before the load."""
+    from mace_ops.concepts import Concept
+
+    concepts = tmp_path / "c.txt"
+    concepts.write_text("# people\nTaylor Swift\nairplane -> sky\n", encoding="utf-8")
+    args = cli.build_parser().parse_args(["run", "--checkpoint", str(tiny_file), "--concepts", str(concepts),
+                                          "--out", str(tmp_path / "o"), "--steps", "3", "--size", "64"])
+    seen = []
+    inputs = run_inputs.check_run_inputs(args, token_ids=lambda p: seen.extend(p) or sd1_token_ids(p))
+    assert inputs.concepts == [Concept("Taylor Swift", "a person", "object"), Concept("airplane", "sky", "object")]
+    assert inputs.checkpoint == tiny_file and inputs.preserve is None
+    assert inputs.settings.train.steps == 3 and inputs.settings.image_size == 64
+    assert any("Taylor Swift" in p for p in seen) and any("a person" in p for p in seen)  # length-checked
+    assert not (tmp_path / "o").exists()

@@ -136,6 +136,27 @@ def _weight_linear(weight: Tensor) -> LinearFn:
     return linear
 
 
+def check_diffusers_folder(folder: str | os.PathLike[str]) -> None:
+    """Cheap check, headers only, of a diffusers SD1.x folder: ``unet/``, ``text_encoder/`` and ``vae/``
+    each with a ``config.json`` and complete ``.safetensors`` weights (pickles are never opened)."""
+    from ..io import check_safetensors_file
+
+    root = os.fspath(folder)
+    for sub in ("unet", "text_encoder", "vae"):
+        where = os.path.join(root, sub)
+        if not os.path.isdir(where):
+            raise MaceError(f"diffusers folder {root} has no {sub}/ subfolder: it is not a model; give an SD1.x "
+                            "diffusers folder or a .safetensors checkpoint file")
+        weights = sorted(f for f in os.listdir(where) if f.endswith(".safetensors"))
+        if not weights:
+            raise MaceError(f"diffusers folder {root}: {sub}/ has no .safetensors weights (.bin/.ckpt pickles are "
+                            "refused and never unpickled); convert the weights to safetensors")
+        if not os.path.isfile(os.path.join(where, "config.json")):
+            raise MaceError(f"diffusers folder {root}: {sub}/ has no config.json; give a complete diffusers folder")
+        for name in weights:
+            check_safetensors_file(os.path.join(where, name), "weights file")
+
+
 class DiffusersHost:
     """A ``Host`` over diffusers/transformers modules; ``with_weights`` copies share them.
 
@@ -197,12 +218,7 @@ class DiffusersHost:
         from transformers import CLIPTextModel
 
         root = os.fspath(folder)
-        for sub in ("unet", "text_encoder", "vae"):
-            if not os.path.isdir(os.path.join(root, sub)):
-                raise MaceError(f"diffusers folder {root} has no {sub}/ subfolder; give an SD1.x diffusers folder")
-            if not any(f.endswith(".safetensors") for f in os.listdir(os.path.join(root, sub))):
-                raise MaceError(f"diffusers folder {root}: {sub}/ has no .safetensors weights (.bin/.ckpt pickles are "
-                                "refused and never unpickled); convert the weights to safetensors")
+        check_diffusers_folder(root)
         opts = {"local_files_only": True, "use_safetensors": True}
         unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", **opts)
         text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **opts)
