@@ -48,7 +48,7 @@ def bpe_source(bpe_path: str | os.PathLike | None = None) -> tuple[Path, str]:
             raise MaceError(f"{what} is missing: the installation is incomplete; reinstall comfyui-mace, "
                             f"or set {ENV_BPE} to a copy of {BPE_FILENAME}")
     if not p.is_file():
-        raise MaceError(f"{what} does not exist: {_FIX}")
+        raise MaceError(f"{what} does not exist or is not a file: {_FIX}")
     return p, what
 
 
@@ -57,7 +57,8 @@ def find_bpe_file(bpe_path: str | os.PathLike | None = None) -> Path:
     return bpe_source(bpe_path)[0]
 
 
-def _bounded(stream: io.BufferedIOBase | gzip.GzipFile | zipfile.ZipExtFile, what: str, part: str) -> bytes:
+def _bounded(stream: io.BufferedIOBase, what: str, part: str) -> bytes:
+    """All of ``stream``, refused when larger than ``MAX_BYTES`` (read at most one byte more)."""
     data = stream.read(MAX_BYTES + 1)
     if len(data) > MAX_BYTES:
         raise MaceError(f"{what}: {part} is larger than {MAX_BYTES} bytes, so it is not CLIP's vocabulary: {_FIX}")
@@ -83,14 +84,13 @@ def read_bpe_text(path: str | os.PathLike, what: str | None = None) -> str:
     p = Path(path)
     what = what or f"CLIP BPE file {str(p)!r}"
     with p.open("rb") as f:
-        magic = f.read(2)
-    if magic == _GZIP_MAGIC:
-        with p.open("rb") as f:
-            packed = _bounded(f, what, "the file")
-    elif zipfile.is_zipfile(p):
+        is_gzip = f.read(2) == _GZIP_MAGIC
+        f.seek(0)
+        packed = _bounded(f, what, "the file") if is_gzip else b""
+    if not is_gzip:
+        if not zipfile.is_zipfile(p):
+            raise MaceError(f"{what} is neither a gzip file nor a wheel/zip: {_FIX}")
         packed = _gz_member_of_zip(p, what)
-    else:
-        raise MaceError(f"{what} is neither a gzip file nor a wheel/zip: {_FIX}")
     try:
         with gzip.GzipFile(fileobj=io.BytesIO(packed)) as g:
             return _bounded(g, what, "the unpacked vocabulary").decode("utf-8")

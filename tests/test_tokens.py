@@ -148,7 +148,8 @@ def test_bad_bpe_sources_are_refused_clearly(monkeypatch, tmp_path):
     wrong_gz.write_bytes(gzip.compress(b"#version\nonly two\nlines here\n"))
     bad_member = _wheel_with_bpe(tmp_path / "bad_member.whl", data=b"PK not gzip at all")
     cases = [(text, "neither a gzip file nor a wheel/zip"), (no_member, "without " + BPE_FILENAME),
-             (broken_gz, "is damaged"), (bad_member, "is damaged"), (wrong_gz, "not a valid")]
+             (broken_gz, "is damaged"), (bad_member, "is damaged"), (wrong_gz, "not a valid"),
+             (tmp_path, "is not a file")]
     for path, message in cases:
         monkeypatch.setenv("MACE_CLIP_BPE", str(path))
         with pytest.raises(MaceError, match=message) as err:
