@@ -337,6 +337,10 @@ def test_run_checks_every_cheap_input_before_loading_the_model(tmp_path, tiny_fi
         assert message in err and "Traceback" not in err, (argv, err)
         assert err.count("\n") <= 3, err  # only this input is named (a 1-3 line message)
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # no out, out.partial, cache or marker
+    # the patched loader is really on run's path: good inputs reach it
+    with pytest.raises(pytest.fail.Exception, match="the model was loaded"):
+        cli.main(["run", "--checkpoint", str(tiny_file), "--concepts", str(tmp_path / "in" / "good.txt"),
+                  "--out", str(tmp_path / "o"), "--quiet"])
 
 
 def test_run_reports_all_bad_cheap_inputs_at_once(tmp_path, tiny_file, no_model_load, capsys):
