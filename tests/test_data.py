@@ -54,10 +54,13 @@ def test_shapes_kinds_and_seeds(tiny_host, base_data):
     assert obj.masks.shape == (2, 8, 8) and 0 <= obj.masks.min() and obj.masks.max() <= 1
     assert set(obj.masks.unique().tolist()) <= {0.0, 1.0} and obj.masks.sum() > 0
     assert style.masks is None
-    # independent: the host's own sampler at the documented seed, rounded to 8 bits
+    # independent: the host's own sampler at the documented seed, rounded to 8 bits. It attends with
+    # scaled-dot-product attention, the data with explicit probabilities (to derive the masks): the two
+    # differ by float rounding, which moves a value that sits on an 8-bit boundary by one level.
     s = seed_from(KW["seed"], OBJ.phrase, "data")
-    ref = tiny_host.generate([training_prompt(OBJ)] * 2, seed=s, steps=2, height=64, width=64)
-    torch.testing.assert_close(obj.images, quantize_images(ref), rtol=0, atol=1e-5)
+    ref = quantize_images(tiny_host.generate([training_prompt(OBJ)] * 2, seed=s, steps=2, height=64, width=64))
+    torch.testing.assert_close(obj.images, ref, rtol=0, atol=2 / 255 + 1e-6)
+    assert (obj.images != ref).float().mean() < 1e-3  # seen: 1 of 24,576 values
     torch.testing.assert_close(obj.latents, tiny_host.vae_encode(obj.images))
 
 

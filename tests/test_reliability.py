@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _host_checks import attention_processors, host_state
+from _host_checks import assert_same_training, attention_processors, host_state
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
@@ -74,13 +74,6 @@ def _train_data(phrases, n=2, hw=8, seed=0) -> list[ConceptData]:
 
 def _cfg(**kw) -> TrainConfig:
     return TrainConfig(**{"steps": 2, "lr": 1e-2, "seed": 0, "concepts_per_batch": 1, **kw})
-
-
-def _same_bank(a: LoRABank, b: LoRABank) -> None:
-    assert a.concepts == b.concepts
-    for i in range(a.num_concepts):
-        for name, (up, down) in a.factors(i).items():
-            assert torch.equal(b.factors(i)[name][0], up) and torch.equal(b.factors(i)[name][1], down)
 
 
 def _cached(folder: Path) -> list[str]:
@@ -426,9 +419,9 @@ def test_disk_full_while_caching_a_lora_keeps_the_finished_concepts(tiny_host, t
         train_concept_loras(tiny_host, data, _cfg(), cache_dir=tmp_path)
     assert _cached(tmp_path) == ["cat"]  # one complete file, no partial one
     monkeypatch.undo()
-    full, _ = train_concept_loras(tiny_host, data, _cfg())
-    resumed, _ = train_concept_loras(tiny_host, data, _cfg(), cache_dir=tmp_path)
-    _same_bank(full, resumed)
+    full, full_losses = train_concept_loras(tiny_host, data, _cfg())
+    resumed, losses = train_concept_loras(tiny_host, data, _cfg(), cache_dir=tmp_path)
+    assert_same_training(full, full_losses, resumed, losses)
 
 
 def test_cli_out_in_an_unwritable_folder_is_refused(tmp_path, monkeypatch, capsys):
@@ -540,8 +533,7 @@ def test_interrupt_from_check_interrupt_unpatches_keeps_finished_and_resumes(
     bank, losses = train_concept_loras(tiny_host, data, _cfg(), cache_dir=tmp_path,
                                        progress=lambda s, t, phrase, loss: trained.append(phrase))
     assert set(trained) == set(PHRASES) - set(cached)  # the rerun resumes: finished concepts are not retrained
-    _same_bank(uninterrupted[0], bank)
-    assert losses == uninterrupted[1]
+    assert_same_training(*uninterrupted, bank, losses)  # concepts trained again: equal up to rounding
 
 
 @pytest.mark.parametrize("damage", ["truncate", "pickle"])
@@ -555,10 +547,10 @@ def test_a_damaged_lora_cache_file_is_trained_again_never_unpickled(tiny_host, t
     else:
         cat_file.write_bytes(pickle.dumps(_Marker(str(marker))))
     trained = []
-    bank, _ = train_concept_loras(tiny_host, data, _cfg(), cache_dir=tmp_path,
-                                  progress=lambda s, t, phrase, loss: trained.append(phrase))
+    bank, losses = train_concept_loras(tiny_host, data, _cfg(), cache_dir=tmp_path,
+                                       progress=lambda s, t, phrase, loss: trained.append(phrase))
     assert set(trained) == set(PHRASES) and not marker.exists()
-    _same_bank(uninterrupted[0], bank)
+    assert_same_training(*uninterrupted, bank, losses)
     assert _cached(tmp_path) == sorted(PHRASES)  # the damaged file was replaced
 
 
@@ -679,8 +671,9 @@ def test_run_interrupted_in_any_stage_unpatches_and_the_rerun_resumes(tiny_host,
     # the rerun trains only what had not finished
     assert trained == {"data": {"Taylor Swift", "Van Gogh"}, "train": {"Van Gogh"}, "fuse": set()}[stage]
     _assert_host_untouched(tiny_host, state, procs)
+    # concepts trained again: equal up to float32 rounding (1 vs 2 vs 3 threads: at most 9.4e-5 of max |w|)
     for k, w in full_run.weights.items():
-        torch.testing.assert_close(again.weights[k], w, rtol=0, atol=0)
+        torch.testing.assert_close(again.weights[k], w, rtol=0, atol=1e-3 * float(w.abs().max()))
 
 
 # --------------------------------------------------------------------------------------------------
