@@ -17,6 +17,7 @@ saves per-step work (optimiser, sampling, Python), so training can exceed it. No
     .venv/bin/python benchmarks/bench_train.py                      # tiny N=1,4,16 (50 steps, 3 pairs); full N=1,4
     .venv/bin/python benchmarks/bench_train.py --full-ns ""         # tiny only (~6 min)
     .venv/bin/python benchmarks/bench_train.py --full-ns 1,4,16 --full-steps 1
+    .venv/bin/python benchmarks/bench_train.py --full-ns "" --tiny-ns 16 --with-cache   # + the cost of resume files
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -107,10 +110,13 @@ def worker(model: str, n: int, mode: str, steps: int, hw: int) -> dict:
     warm = _data(1, hw)
     train_concept_loras(host, warm, TrainConfig(steps=1))  # tokenizer, allocator, first-call costs
     base_mb = _rss_mb()
-    cfg = TrainConfig(steps=steps, concepts_per_batch=None if mode == "batched" else 1)
+    cfg = TrainConfig(steps=steps, concepts_per_batch=1 if mode == "sequential" else None)
+    cache = tempfile.mkdtemp(prefix="mace-bench-cache-") if mode == "batched+cache" else None
     t0, c0 = time.perf_counter(), time.process_time()
-    _, losses = train_concept_loras(host, data, cfg)
+    _, losses = train_concept_loras(host, data, cfg, cache_dir=cache)  # +cache: per-concept files, checkpoints
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+    if cache is not None:
+        shutil.rmtree(cache)
     assert all(len(v) == steps for v in losses.values())
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"seconds": seconds, "cpu_seconds": cpu_seconds, "concept_steps": n * steps, "peak_mb": peak_mb, "base_mb": base_mb}
@@ -158,6 +164,8 @@ def main() -> None:
     ap.add_argument("--full-ns", default="1,4", help="'' to skip the full-size UNet")
     ap.add_argument("--full-steps", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3, help="sequential/batched pairs per tiny row (full: 1)")
+    ap.add_argument("--with-cache", action="store_true",
+                    help="also time batched training with a cache folder (resume files and group checkpoints)")
     ap.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -179,7 +187,7 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for model, hw, n, steps, repeats in plan:
-        runs: dict[str, list[dict]] = {"sequential": [], "batched": []}
+        runs: dict[str, list[dict]] = {"sequential": [], "batched": [], **({"batched+cache": []} if args.with_cache else {})}
         for _ in range(repeats):  # alternate the modes so that drifting machine load hits both alike
             for mode in runs:
                 runs[mode].append(_run(model, n, mode, steps, hw))
@@ -195,7 +203,7 @@ def main() -> None:
             print(
                 f"| {model} | {hw}×{hw} | {n} | {steps} | {mode} | {repeats} | {statistics.median(rate[mode]):.2f} | "
                 f"{statistics.median(wall_up):.2f}×{spread} | {statistics.median(cpu_up):.2f}× | "
-                f"{f'{alone:.2f}×' if mode == 'batched' else '–'} | {peak:.0f} | {above:.0f} |",
+                f"{f'{alone:.2f}×' if mode != 'sequential' else '–'} | {peak:.0f} | {above:.0f} |",
                 flush=True,
             )
     print(f"\nload average at end {os.getloadavg()[0]:.1f}")

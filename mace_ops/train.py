@@ -13,9 +13,9 @@ per-concept quantity (sampling RNG, gradient clipping, AdamW moments) is kept se
 trains the same whether alone or batched (up to float rounding).
 
 Resume and reproducibility. With ``cache_dir``, each finished concept is written to its own file and
-an unfinished group is checkpointed every ``⌈steps / group size⌉`` steps (bank, AdamW moments, each
-concept's generator state, losses), so a crash loses at most about one concept's training, and the
-rerun goes on from there. What is promised:
+an unfinished group is checkpointed every ``⌈steps / group size⌉`` steps, but at most every
+``CHECKPOINT_MIN_SECONDS`` (bank, AdamW moments, each concept's generator state, losses), so a crash
+loses at most about one concept's training or 10 s, whichever is more, and the rerun goes on from there. What is promised:
 - a finished concept is read back from its file: bit-identical;
 - a concept trained again, or a group resumed from its checkpoint, equals the uninterrupted run up
   to float32 rounding: factors within 1e-3 of the factor's largest entry, losses within 1e-5
@@ -34,6 +34,7 @@ import json
 import math
 import os
 import re
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,6 +212,11 @@ def _load_cached(path: Path, key: str, names: Sequence[str]) -> tuple[dict[str, 
         return factors, [float(x) for x in meta.get("losses", [])]
     except (MaceError, KeyError, TypeError, ValueError):
         return None
+
+
+#: A group checkpoint is written at most this often (seconds), so that its cost (~70 ms for 16
+#: concepts, ``benchmarks/bench_checkpoint.py``) stays under 1 % of the training time.
+CHECKPOINT_MIN_SECONDS = 10.0
 
 
 @dataclass
@@ -522,6 +528,7 @@ def _train_group(
         failed.update(at.failed)
         done_steps += sum(len(losses[s.phrase]) for s in states)
     every = -(-config.steps // len(states))
+    last_saved = time.monotonic()
     active = at.active
     bs = config.batch_size
     n_t = alphas.shape[0]
@@ -590,9 +597,11 @@ def _train_group(
             if progress is not None:
                 progress(done_steps, total, states[c].phrase, values[j])
         active = [c for _, c in still]
-        if checkpoint is not None and (step + 1) % every == 0 and step < config.steps - 1:
+        if (checkpoint is not None and (step + 1) % every == 0 and step < config.steps - 1
+                and time.monotonic() - last_saved >= CHECKPOINT_MIN_SECONDS):
             group_failed = {s.phrase: failed[s.phrase] for s in states if s.phrase in failed}
             _save_group_checkpoint(*checkpoint, bank, opt, states, losses, _GroupProgress(step + 1, active, group_failed))
+            last_saved = time.monotonic()
         if check_interrupt is not None and step < config.steps - 1:  # after the last step: save first
             check_interrupt()
 

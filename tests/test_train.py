@@ -9,6 +9,7 @@ import pytest
 import torch
 from _host_checks import assert_same_training, attention_processors, host_state
 
+import mace_ops.train as train_module
 from mace_ops.concepts import Concept
 from mace_ops.data import ConceptData
 from mace_ops.errors import MaceError
@@ -210,8 +211,9 @@ def test_resume_skips_finished_concepts(tiny_host, tmp_path):
     assert set(seen) == {"cat", "golden retriever"}  # another config: nothing reused
 
 
-def test_a_group_interrupted_mid_run_goes_on_from_its_checkpoint(tiny_host, tmp_path):
+def test_a_group_interrupted_mid_run_goes_on_from_its_checkpoint(tiny_host, tmp_path, monkeypatch):
     """3 concepts in one group, 6 steps: a checkpoint every 2 steps, so a stop after step 3 costs one step."""
+    monkeypatch.setattr(train_module, "CHECKPOINT_MIN_SECONDS", 0.0)  # tiny steps: no time floor
     data = _data(PHRASES)
     cfg = _config(steps=6)
     full, full_losses = train_concept_loras(tiny_host, data, cfg)
