@@ -78,7 +78,12 @@ def _cfg(**kw) -> TrainConfig:
 
 def _cached(folder: Path) -> list[str]:
     """The phrases whose finished LoRA is in the training cache folder (complete files only)."""
-    return sorted(json.loads(mio.read_safetensors_metadata(p)["concept"]) for p in Path(folder).iterdir())
+    return sorted(json.loads(mio.read_safetensors_metadata(p)["concept"]) for p in Path(folder).glob("lora-*"))
+
+
+def _in_flight(folder: Path) -> list[int]:
+    """The number of finished steps in each group checkpoint of the training cache folder."""
+    return [json.loads(mio.read_safetensors_metadata(p)["step"]) for p in Path(folder).glob("group-*")]
 
 
 class Stop(Exception):
@@ -601,17 +606,20 @@ def test_keyboard_interrupt_inside_a_training_step_unpatches_the_host(tiny_host,
     assert _cached(tmp_path) == ["cat"]  # complete files only, no temp file
 
 
-@pytest.mark.parametrize(("per_batch", "crash_at", "cached"), [
-    (1, 5, ["cat", "golden retriever"]),  # 1st forward of the 3rd concept
-    (1, 4, ["cat"]),  # 2nd forward of the 2nd concept
-    (2, 3, ["cat", "golden retriever"]),  # 1st forward of the 2nd batch
-    (3, 2, []),  # all three in one batch: the batch in progress is lost
+@pytest.mark.parametrize(("per_batch", "crash_at", "cached", "in_flight"), [
+    (1, 5, ["cat", "golden retriever"], []),  # 1st forward of the 3rd concept
+    (1, 4, ["cat"], []),  # 2nd forward of the 2nd concept
+    (2, 3, ["cat", "golden retriever"], []),  # 1st forward of the 2nd batch (owl alone: no checkpoint)
+    (3, 2, [], [1]),  # all three in one batch: its checkpoint after step 1 of 2 (every ceil(2/3) steps)
 ])
-def test_a_crash_loses_at_most_the_concepts_in_progress(tiny_host, tmp_path, monkeypatch, per_batch, crash_at, cached):
+def test_a_crash_loses_at_most_the_concepts_in_progress(
+    tiny_host, tmp_path, monkeypatch, per_batch, crash_at, cached, in_flight
+):
     """A crash (any exception, e.g. out of memory) during training: every concept whose batch finished is
-    on disk. With ``concepts_per_batch`` k, k concepts train and finish together (the pipeline uses 8)."""
+    on disk, and a batch in progress has its checkpoint (every ceil(steps / k) steps for k concepts)."""
     from mace_ops import train
 
+    monkeypatch.setattr(train, "CHECKPOINT_MIN_SECONDS", 0.0)  # no time floor: checkpoints by steps alone
     real_total = train.AttentionLossSink.total
     forwards = []
 
@@ -625,7 +633,7 @@ def test_a_crash_loses_at_most_the_concepts_in_progress(tiny_host, tmp_path, mon
     state, procs = host_state(tiny_host), attention_processors(tiny_host)
     with pytest.raises(RuntimeError, match="out of memory"):
         train_concept_loras(tiny_host, _train_data(PHRASES), _cfg(concepts_per_batch=per_batch), cache_dir=tmp_path)
-    assert _cached(tmp_path) == cached
+    assert _cached(tmp_path) == cached and _in_flight(tmp_path) == in_flight
     _assert_host_untouched(tiny_host, state, procs)
 
 
