@@ -4,7 +4,7 @@ Measures, for each dtype (default fp16 and bf16 on CUDA):
 
 * LoRA training, N concepts batched in one forward vs one after another: concept-steps/s, peak VRAM;
 * training-data generation (DDIM + guidance + the attention probe that makes the masks): images/s;
-* a whole ``run_erasure`` of ``--concepts`` concepts (first dtype only): seconds per stage, peak VRAM.
+* a whole ``run_erasure`` of 10 concepts (first dtype only, measured last): seconds per stage, peak VRAM.
 
 The models are SD1.5-shaped and randomly initialised (UNet: ``bench_train.SD15_UNET_CONFIG``; text
 encoder: CLIP ViT-L/14's text tower, 12 layers; VAE: SD1.5's), so no weights are downloaded; images
@@ -290,25 +290,25 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     models = base_models(sizes.full)
     results["environment"]["build_seconds"] = time.perf_counter() - t0
-    for i, name in enumerate(dtypes):
-        host = host_on(models, device, DTYPES[name])
-        row = results["dtypes"].setdefault(name, {})
-        plan = [("training", measure_training), ("generation", measure_generation)]
-        if i == 0:
-            plan.append(("erasure", measure_erasure))
-        for what, fn in plan:
-            if what in skip:
-                continue
-            print(f"[{time.perf_counter() - t0:6.1f} s] {name} {what} ...", flush=True)
-            try:
-                row[what] = fn(host, sizes, device)
-            except Exception:  # keep going: one failure must not lose the other figures
-                results["errors"][f"{name}/{what}"] = traceback.format_exc()
-                print(results["errors"][f"{name}/{what}"], file=sys.stderr, flush=True)
-            write(results, out)
-        del host
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    # the whole run last: a run cut short by a timeout loses only it
+    plan = [(name, what) for name in dtypes for what in ("training", "generation")] + [(dtypes[0], "erasure")]
+    measure = {"training": measure_training, "generation": measure_generation, "erasure": measure_erasure}
+    hosts: dict[str, Any] = {}
+    for name, what in plan:
+        if what in skip:
+            continue
+        if name not in hosts:
+            hosts.clear()  # one host on the device at a time
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            hosts[name] = host_on(models, device, DTYPES[name])
+        print(f"[{time.perf_counter() - t0:6.1f} s] {name} {what} ...", flush=True)
+        try:
+            results["dtypes"].setdefault(name, {})[what] = measure[what](hosts[name], sizes, device)
+        except Exception:  # keep going: one failure must not lose the other figures
+            results["errors"][f"{name}/{what}"] = traceback.format_exc()
+            print(results["errors"][f"{name}/{what}"], file=sys.stderr, flush=True)
+        write(results, out)
     results["environment"]["total_seconds"] = time.perf_counter() - t0
     write(results, out)
     print(markdown(results))

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # MACE device check: the CUDA tests, then benchmarks/device_check.py at full SD1.5 size (fp16, bf16).
-# About 6-8 minutes on one H100/H200 (estimated: not yet run on a GPU). Writes under $OUT
+# Estimated 5-7 minutes on one H100/H200 (not yet run on a GPU), at most 9 (timeouts: tests 3, figures 6;
+# whatever finished is kept). Writes under $OUT
 # (default ./device-check-out): pytest.log, device_check.log, device_check.md, device_check.json.
 #
 #   bash benchmarks/device_check.sh              # on a GPU machine, from the repository root
@@ -9,7 +10,9 @@
 # Python: $PYTHON if set, else python3 (it must have a CUDA torch). Missing packages (typically
 # diffusers) are pip-installed with --no-deps into ./.device-check-site, from wheels in $MACE_WHEELS
 # (no index) when set, else from PyPI. Nothing is downloaded from a model hub: the models are random,
-# built in code.
+# built in code. A machine that cannot reach PyPI needs the wheels carried: here, run
+#   python3 -m pip download --no-deps --only-binary=:all: -d .whl diffusers==0.42.1
+# and there MACE_WHEELS=.whl bash benchmarks/device_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=""
@@ -42,9 +45,9 @@ export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PYT
 status=0
 if [[ -z "$DRY" ]]; then
   # the CUDA tests and the precision/device/fingerprint tests they build on (~1-2 min)
-  timeout 240 "$PY" -m pytest -q -rs tests/test_device.py tests/test_precision.py tests/test_fingerprint.py \
+  timeout 180 "$PY" -m pytest -q -rs tests/test_device.py tests/test_precision.py tests/test_fingerprint.py \
     2>&1 | tee "$OUT/pytest.log" || status=1
 fi
-timeout 420 "$PY" benchmarks/device_check.py $DRY --out "$OUT" 2>&1 | tee "$OUT/device_check.log" || status=1
+timeout 360 "$PY" benchmarks/device_check.py $DRY --out "$OUT" 2>&1 | tee "$OUT/device_check.log" || status=1
 echo "device check finished with status $status; results in $OUT"
 exit $status
