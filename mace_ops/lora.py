@@ -60,8 +60,9 @@ class _SharedDown:
     def low(self, ctx: Tensor, i: int) -> Tensor:  # -> (B, L, r_i)
         if self._ctx is not ctx:
             idx = self.idx.to(ctx.device)
-            d = torch.cat([down.index_select(0, idx) for down in self.downs], dim=1).to(ctx.dtype)  # (B, Σr, d_ctx)
-            self._ctx, self._low = ctx, torch.bmm(ctx, d.transpose(1, 2))  # (B, L, Σr)
+            d = torch.cat([down.index_select(0, idx) for down in self.downs], dim=1)  # (B, Σr, d_ctx)
+            dtype = torch.promote_types(ctx.dtype, d.dtype)  # float32 factors stay float32 on an fp16 host
+            self._ctx, self._low = ctx, torch.bmm(ctx.to(dtype), d.to(dtype).transpose(1, 2))  # (B, L, Σr)
         return self._low[..., self.starts[i] : self.starts[i] + self.ranks[i]]
 
 
@@ -125,6 +126,10 @@ class LoRABank(nn.Module):
     ) -> dict[str, LinearFn]:
         """``{name: ctx (B,L,d_ctx) -> W ctx + scale·up_c(down_c ctx)}`` with ``c = sample_concepts[b]``.
 
+        Computed in the factors' dtype (float32) or the context's when wider: on an fp16/bf16 host the
+        small LoRA term ``up_c(down_c ctx)`` is not rounded to 8-11 bits against ``W ctx``; the result
+        is float32 and the attention that reads it decides its own precision.
+
         ``sample_concepts`` (B,) long: the bank row used by each sample of the batch.
         ``base_outputs``: ``{name: W ctx}`` (B, L, d_out) already computed for the very contexts the
         host will pass (training reuses each concept's fixed prompt every step); skips that product.
@@ -157,10 +162,10 @@ class LoRABank(nn.Module):
                     f"{name}: batch of {ctx.shape[0]} contexts but {idx.shape[0]} sample concepts"
                 )
             low = shared.low(ctx, i)  # (B, L, r)
-            u = up.index_select(0, idx.to(up.device)).to(ctx.dtype)  # (B, d_out, r)
-            delta = torch.bmm(low, u.transpose(1, 2))  # (B, L, d_out)
+            u = up.index_select(0, idx.to(up.device)).to(low.dtype)  # (B, d_out, r)
+            delta = torch.bmm(low, u.transpose(1, 2))  # (B, L, d_out), at least float32
             if fixed is None:
-                return F.linear(ctx, weight.to(ctx.device, ctx.dtype)) + scale * delta
+                return F.linear(ctx.to(delta.dtype), weight.to(ctx.device, delta.dtype)) + scale * delta
             if fixed.shape != delta.shape:
                 raise MaceError(f"{name}: base outputs of shape {tuple(fixed.shape)} for a batch of {tuple(delta.shape)}")
             return fixed + scale * delta

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from .closed_form import FusionProblem, Preservation, refine_cross_attention
@@ -220,6 +221,14 @@ def concept_moments(host: Host, concept: Concept) -> SecondMoment:
 # Stages
 
 
+def float32_weights(weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The weights as float32 (an exact widening of fp16/bf16): the stages' results stay float32 and
+    are rounded to the model's dtype once, when written into it (``Host.with_weights``, the
+    checkpoint writer). Rounding an intermediate ``W1`` to bf16 would move it by up to 2⁻⁹ of each
+    entry, more than the whole CFR edit of a weakly-weighted concept."""
+    return {k: v if v.dtype == torch.float32 else v.float() for k, v in weights.items()}
+
+
 def refine_weights(
     host: Host,
     concepts: Sequence[Concept],
@@ -232,9 +241,9 @@ def refine_weights(
     check_interrupt: Interrupt | None = None,
 ) -> dict[str, Tensor]:
     """Stage 1, CFR: ``{name: W0 · M}`` for every to_k/to_v of ``host`` (DESIGN 2.2); ``W0`` is the host's
-    unless ``original`` gives it."""
+    unless ``original`` gives it. Solved in float64; the results are float32 whatever the model's dtype."""
     cross, gram = concept_pair_moments(host, concepts, progress=progress, check_interrupt=check_interrupt)
-    w0 = original if original is not None else host.cross_attention_weights()
+    w0 = float32_weights(original if original is not None else host.cross_attention_weights())
     return refine_cross_attention(w0, cross, gram, preserve, ridge, relative_ridge)
 
 
@@ -254,13 +263,14 @@ def fuse_weights(
     """Stage 3: closed-form fusion of every concept's LoRA into the refined weights (DESIGN 2.4).
 
     ``host`` is the ORIGINAL model (its to_k/to_v are ``W0`` unless ``original`` is given); ``refined``
-    is ``W1``; each concept's LoRA is looked up in ``bank`` by phrase."""
+    is ``W1``; each concept's LoRA is looked up in ``bank`` by phrase. Solved in float64; the results are
+    float32 whatever the model's dtype."""
     emit, check = progress or _no_progress, check_interrupt or _no_interrupt
     missing = [c.phrase for c in concepts if c.phrase not in bank.concepts]
     if missing:
         raise MaceError(f"the LoRA bank has no LoRA for {missing[:5]}: train these concepts first")
-    W0 = original if original is not None else host.cross_attention_weights()
-    problem = FusionProblem(refined, W0, preserve, ridge, relative_ridge=relative_ridge)
+    W0 = float32_weights(original if original is not None else host.cross_attention_weights())
+    problem = FusionProblem(float32_weights(refined), W0, preserve, ridge, relative_ridge=relative_ridge)
     for i, concept in enumerate(concepts):
         check()
         problem.add_concept(concept_moments(host, concept), bank.factors(bank.index(concept.phrase)))

@@ -157,13 +157,38 @@ def check_weight_shapes(weights: Mapping[str, Tensor], shapes: Mapping[str, tupl
             raise MaceError(f"weights {n} of shape {tuple(w.shape)}; the model needs {shapes[n]}")
 
 
+#: Hash format: a changed canonical form must never collide with an old fingerprint.
+FINGERPRINT_FORMAT = "mace-weights/fp16-canonical/1"
+
+
+def canonical_weight_bytes(weight: Tensor) -> bytes:
+    """The bytes a weight is hashed by: float tensors rounded to IEEE fp16 (nearest-even, on the CPU,
+    via the exact widening to float32), little-endian; other tensors as little-endian int64."""
+    w = weight.detach().to("cpu")
+    if w.is_floating_point():
+        return w.to(torch.float32).to(torch.float16).contiguous().numpy().astype("<f2", copy=False).tobytes()
+    return w.to(torch.int64).contiguous().numpy().astype("<i8", copy=False).tobytes()
+
+
 def weights_fingerprint(weights: Mapping[str, Tensor], names: Sequence[str]) -> str:
-    """sha256 over ``name, shape, float32 little-endian bytes`` of ``weights[name]`` for ``names`` in order."""
-    h = hashlib.sha256()
+    """sha256 over a format tag, then ``name, shape, canonical_weight_bytes`` of ``weights[name]`` for
+    ``names`` in order. It does not depend on the precision the model was loaded in.
+
+    Why fp16 is the canonical form, for a weight file of dtype D loaded in precision L:
+    - D = fp16, L = fp32 or fp16: the values are the same (widening is exact), so is their rounding;
+    - D = fp32, L = fp32 or fp16: rounding to fp16 is idempotent, ``fp16(fp16(x)) = fp16(x)``;
+    - D = bf16, any L: bf16 → fp32 is exact, and bf16 → fp16 is the same rounding of the same value.
+    Not covered: a bf16 load of an fp16/fp32 file: it dropped 3+ bits the other copies keep, and no
+    rounding can undo that (any grid coarser than both still splits pairs that sit near its
+    boundaries, and a model has millions of entries); such a copy has its own fingerprint. The price:
+    weights that differ only below fp16's resolution (2⁻¹¹ relative, 2⁻²⁴ absolute under 2⁻¹⁴)
+    share a fingerprint, and |w| > 65504 hashes as ±inf.
+    """
+    h = hashlib.sha256(f"{FINGERPRINT_FORMAT}\n".encode())
     for name in names:
-        w = weights[name].detach().to("cpu", torch.float32).contiguous()
+        w = weights[name]
         h.update(f"{name}:{tuple(w.shape)}\n".encode())
-        h.update(w.numpy().astype("<f4", copy=False).tobytes())
+        h.update(canonical_weight_bytes(w))
     return h.hexdigest()
 
 
@@ -181,11 +206,13 @@ def matrix_names(blocks: Sequence[str]) -> list[str]:
 
 
 __all__ = [
+    "FINGERPRINT_FORMAT",
     "AttentionFn",
     "CrossAttentionBlock",
     "Host",
     "LinearFn",
     "UNetFn",
+    "canonical_weight_bytes",
     "check_generate_args",
     "check_matrix_names",
     "check_weight_shapes",

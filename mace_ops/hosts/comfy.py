@@ -382,7 +382,7 @@ class ComfyHost:
     @staticmethod
     def _attention_patch(block: str, attention: AttentionFn) -> Callable[..., Tensor]:
         def patch(q: Tensor, k: Tensor, v: Tensor, extra_options: Mapping[str, Any]) -> Tensor:
-            return attention(block, q, k, v, int(extra_options["n_heads"]))
+            return attention(block, q, k, v, int(extra_options["n_heads"])).to(q.dtype)
 
         return patch
 

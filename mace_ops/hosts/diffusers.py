@@ -120,11 +120,10 @@ class _MaceProcessor:
         q = attn.to_q(hidden_states)  # (B, N, heads·d)
         k = self.to_k(ctx) if self.to_k is not None else attn.to_k(ctx)  # (B, 77, heads·d)
         v = self.to_v(ctx) if self.to_v is not None else attn.to_v(ctx)
-        k, v = k.to(q.dtype), v.to(q.dtype)
-        if self.attention is not None:
+        if self.attention is not None:  # k/v as projected (float32 through a LoRA): it picks its precision
             out = self.attention(self.block, q, k, v, attn.heads)
         else:
-            out = sdpa_attention(q, k, v, attn.heads)
+            out = sdpa_attention(q, k.to(q.dtype), v.to(q.dtype), attn.heads)
         out = attn.to_out[0](out.to(q.dtype))
         return attn.to_out[1](out)
 
@@ -176,17 +175,19 @@ class DiffusersHost:
         alphas_cumprod: Tensor | None = None,
         scheduler_config: Mapping[str, Any] | None = None,
         device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
     ) -> None:
         """``tokenizer`` defaults to the SD1.x CLIP tokenizer; ``scheduler_config`` to SD1.x's;
         ``alphas_cumprod`` to the one derived from the scheduler config. Modules are moved to
-        ``device``/``dtype`` (when given), put in eval mode and frozen."""
+        ``device`` (when given), the UNet to ``dtype`` (default: it keeps its own), put in eval mode
+        and frozen. The UNet runs in its dtype; text states come back as float32 whatever the
+        encoder's dtype."""
         self.device = torch.device(device) if device is not None else next(unet.parameters()).device
-        self.dtype = dtype
+        self.dtype = dtype if dtype is not None else next(unet.parameters()).dtype
         for m in (unet, text_encoder, vae):
             m.to(self.device).eval().requires_grad_(False)
-        if next(unet.parameters()).dtype != dtype:
-            unet.to(dtype)
+        if next(unet.parameters()).dtype != self.dtype:
+            unet.to(self.dtype)
         self.unet, self.text_encoder, self.vae = unet, text_encoder, vae
         self.tokenizer = tokenizer if tokenizer is not None else load_sd1_tokenizer()
         self.scheduler_config = dict(SD1_SCHEDULER_CONFIG if scheduler_config is None else scheduler_config)
@@ -268,13 +269,20 @@ class DiffusersHost:
                 )
 
     def with_weights(self, weights: Mapping[str, Tensor]) -> DiffusersHost:
-        """A new host sharing the modules whose to_k/to_v are ``weights`` (missing names keep this host's)."""
-        shapes = {n: tuple(w.shape) for n, w in self._original_weights().items()}
+        """A new host sharing the modules whose to_k/to_v are ``weights`` (missing names keep this host's).
+
+        The weights are stored in the model's own dtype (an fp16 model gets fp16 weights, rounded to
+        nearest), as they would be written into it."""
+        originals = self._original_weights()
+        shapes = {n: tuple(w.shape) for n, w in originals.items()}
         check_matrix_names("weights", weights, shapes)
         check_weight_shapes(weights, shapes)
         new = object.__new__(DiffusersHost)
         new.__dict__.update(self.__dict__)
-        new._weights = {**self._weights, **{n: w.detach().to(self.device).clone() for n, w in weights.items()}}
+        new._weights = {
+            **self._weights,
+            **{n: w.detach().to(self.device, originals[n].dtype, copy=True) for n, w in weights.items()},
+        }
         return new
 
     # ------------------------------------------------------------------ text
