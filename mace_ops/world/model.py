@@ -78,6 +78,19 @@ def build_text_encoder(seed: int = TEXT_SEED) -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
+def parameters_fingerprint(module: nn.Module) -> str:
+    """sha256 over every parameter's shape and float32 little-endian bytes, in order (names left out:
+    they differ between transformers versions, the values must not)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in module.parameters():
+        w = p.detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{tuple(w.shape)}\n".encode())
+        h.update(w.numpy().astype("<f4", copy=False).tobytes())
+    return h.hexdigest()
+
+
 def load_world_model(weights_dir: Path | str | None = None) -> TinySD:
     """The trained world model (float32, eval, frozen), the same kind of object as ``build_tiny_sd``."""
     from safetensors.torch import load_file
@@ -95,4 +108,4 @@ def load_world_model(weights_dir: Path | str | None = None) -> TinySD:
 
 
 __all__ = ["IMAGE_SIZE", "TEXT_SEED", "WEIGHTS_DIR", "build_text_encoder", "build_unet", "build_vae",
-           "load_world_model"]
+           "load_world_model", "parameters_fingerprint"]
