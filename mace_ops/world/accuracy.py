@@ -30,6 +30,24 @@ def kind_accuracy(host, classifier, kind: str, n: int, seed: int = 0, paraphrase
     return {"accuracy": float(np.mean(hits)), "per_concept": per}
 
 
+def clean_render_accuracy(classifier, n: int = 1000, seed: int = 2024) -> dict[str, float]:
+    """Classifier accuracy per head on ``n`` seeded clean renders (face with p 0.5), and identity
+    accuracy on one seeded render of every identity."""
+    from .render import render
+    from .sampling import random_look, to_tensor
+    from .vocab import IDENTITIES
+
+    rng = np.random.default_rng(seed)
+    looks = [random_look(rng, p_face=0.5) for _ in range(n)]
+    reads = read_images(classifier, to_tensor([render(x, rng) for x in looks]))
+    out = {h: float(np.mean([getattr(r, h) == getattr(x, h) for r, x in zip(reads, looks, strict=True)]))
+           for h in ("shape", "colour", "style", "face")}
+    names = list(IDENTITIES)
+    reads = read_images(classifier, to_tensor([render(IDENTITIES[m], rng) for m in names]))
+    out["identity"] = float(np.mean([r.identity == m for r, m in zip(reads, names, strict=True)]))
+    return out
+
+
 def main() -> None:
     from ..hosts.diffusers import DiffusersHost
 
@@ -39,8 +57,13 @@ def main() -> None:
     p.add_argument("--paraphrase", action="store_true", help="also the paraphrase prompts")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None)
+    p.add_argument("--classifier-only", type=int, default=0, metavar="N",
+                   help="only the classifier's accuracy on N clean renders per head")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    if a.classifier_only:
+        print("classifier on clean renders:", clean_render_accuracy(load_classifier(), a.classifier_only))
+        return
     if a.weights:
         from .model import load_world_model
 
