@@ -8,7 +8,8 @@ Architecture (``DiffusersHost`` loads it unchanged):
          zero biases, unit layer norms), so its 38M-entry token table need not ship; a fingerprint
          test guards it.
   VAE    ``AutoencoderKL`` 64×64×3 <-> 8×8×4 (8× down, as SD1.x), trained on renders.
-Shipped: ``weights/unet.safetensors`` and ``weights/vae.safetensors`` in float16.
+Shipped: ``weights/unet.safetensors`` (EMA weights after 2,882 steps of batch 32) and
+``weights/vae.safetensors`` in float16 (8.4 MB together), and the classifier (``classifier.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,12 @@ from ..tiny import SD1_SCALING_FACTOR, TinySD, sd1_alphas_cumprod
 
 WEIGHTS_DIR = Path(__file__).with_name("weights")
 TEXT_SEED = 1212
+#: sha256 of the shipped files (tests check them; ``export`` rewrites the files, then update these)
+WEIGHTS_SHA256: dict[str, str] = {
+    "unet.safetensors": "d6af40e30e305e6f3e25dc5f8b92e4d6086177f362c2f77e2ec437ee33e5325e",
+    "vae.safetensors": "2332030b774737653d91ead906558037c8e96614c3a33c0c23497ef57a29bcc3",
+    "classifier.safetensors": "4008bae3e81690bacd21d2acc2ecf74aa8bbde6460743968e10c2b64aaf4aa93",
+}
 IMAGE_SIZE = 64  # pixels; latents are IMAGE_SIZE // 8
 
 
@@ -107,5 +114,5 @@ def load_world_model(weights_dir: Path | str | None = None) -> TinySD:
     return TinySD(unet=unet, text_encoder=build_text_encoder(), vae=vae, alphas_cumprod=sd1_alphas_cumprod())
 
 
-__all__ = ["IMAGE_SIZE", "TEXT_SEED", "WEIGHTS_DIR", "build_text_encoder", "build_unet", "build_vae",
+__all__ = ["IMAGE_SIZE", "TEXT_SEED", "WEIGHTS_DIR", "WEIGHTS_SHA256", "build_text_encoder", "build_unet", "build_vae",
            "load_world_model", "parameters_fingerprint"]
