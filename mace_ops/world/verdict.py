@@ -35,7 +35,7 @@ def _row(title: str, stats: str, images: np.ndarray, readings: list[Reading], hi
     d.text((4, 30), title[:34], fill="black")
     d.text((4, 48), stats, fill="black")
     for i, (img, r, hit) in enumerate(zip(images, readings, hits, strict=True)):
-        x = _LABEL_W + i * _CELL + (8 if i >= n // 2 else 0) * 0
+        x = _LABEL_W + i * _CELL
         row.paste(Image.fromarray(img).resize((_CELL - 6, _CELL - 6), Image.NEAREST), (x + 3, 3))
         d.text((x + 3, _CELL - 2), _label(r)[:15], fill=(0, 130, 0) if hit else (200, 0, 0))
     return row
@@ -65,8 +65,8 @@ def write_verdict(out_dir: Path, original_host, erased_host, classifier: WorldCl
             rows.append(_row(f"{role}: {c.phrase}", f"{c.kind}  {before:.0%} -> {after:.0%}",
                              np.concatenate(imgs), reads[0] + reads[1], hits[0] + hits[1]))
     header = Image.new("RGB", (rows[0].width, 18), "white")
-    ImageDraw.Draw(header).text((_LABEL_W, 3), f"before ({n} seeds)" + " " * 40 + f"after (same {n} seeds)",
-                                fill="black")
+    ImageDraw.Draw(header).text((_LABEL_W, 3), f"before ({n} seeds)", fill="black")
+    ImageDraw.Draw(header).text((_LABEL_W + n * _CELL, 3), f"after (same {n} seeds)", fill="black")
     grid = Image.new("RGB", (rows[0].width, 18 + sum(r.height for r in rows)), "white")
     grid.paste(header, (0, 0))
     y = 18
