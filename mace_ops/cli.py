@@ -1,7 +1,7 @@
 """``mace-erase``: MACE without the UI (``python -m mace_ops`` too).
 
     mace-erase run  --checkpoint MODEL --concepts FILE | --preset NAME --out DIR [options]
-    mace-erase demo [--out DIR]
+    mace-erase demo [--out DIR] [--model world|tiny]
     mace-erase eval --suite objects|celebrities|explicit|artists --checkpoint MODEL --out DIR [options]
 
 ``run`` writes into ``DIR`` (which must not exist): the sanitized single-file checkpoint
@@ -200,8 +200,57 @@ def demo_settings(seed: int = 0) -> Any:
                            image_size=64, seed=seed, train=TrainConfig(steps=8, lr=1e-4, seed=seed))
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def world_demo_settings(seed: int = 0) -> Any:
+    """The world demo's settings: strong enough to erase on the trained world model in under two minutes."""
+    from .pipeline import ErasureSettings
+    from .train import TrainConfig
+
+    # retained weights 5 / 50: with 0.5 / 5 erasing "red circle" also took "blue circle" (42 % -> 8 %)
+    return ErasureSettings(cfr_preserve=0.5, cfr_retained=5.0, fusion_preserve=5.0, fusion_retained=50.0, ridge=0.1,
+                           n_images=4, sample_steps=20, cfg=5.0, image_size=64, seed=seed,
+                           train=TrainConfig(steps=30, lr=1e-3, seed=seed))
+
+
+def _demo_setup(args: argparse.Namespace) -> tuple[Any, list, list[str], Any, list[str]]:
+    """(host, concepts, retained prompts, settings, preservation prompts) of the chosen demo model."""
     from .hosts.diffusers import DiffusersHost
+
+    if args.model == "tiny":
+        from .preservation import default_corpus
+
+        if not args.quiet:
+            _say("building the tiny SD1-shaped model (random weights: images are noise-like; the mechanism is real)")
+        preserve = default_corpus()[: args.preserve_prompts]
+        return (DiffusersHost.from_tiny(args.seed), demo_concepts(), ["a photo of a dog", "a painting of a river"],
+                demo_settings(args.seed), preserve)
+    from .world.demo import DEMO_ERASED, DEMO_RETAINED, preservation_prompts
+
+    if not args.quiet:
+        _say("loading the world model (a small SD1-layout model trained on a toy world of shapes, colours, "
+             "patterns and named characters)")
+    retained = [p for c in DEMO_RETAINED for p in c.prompts()[:2]]
+    preserve = preservation_prompts(list(DEMO_ERASED), n=args.preserve_prompts, seed=args.seed)
+    return (DiffusersHost.from_world(), [c.concept() for c in DEMO_ERASED], retained,
+            world_demo_settings(args.seed), preserve)
+
+
+def _world_verdict(report_dir: Path, host: Any, erasure: Any, seed: int) -> list[dict[str, Any]]:
+    """Classifier verdict images and numbers, added to the report page."""
+    from .world.classifier import load_classifier
+    from .world.demo import DEMO_ERASED, DEMO_RETAINED
+    from .world.verdict import verdict_html, write_verdict
+
+    numbers = write_verdict(report_dir, host, host.with_weights(erasure.weights), load_classifier(),
+                            DEMO_ERASED, DEMO_RETAINED, n=6, seed=seed)
+    page = report_dir / "report.html"
+    text = page.read_text(encoding="utf-8")
+    fragment = verdict_html(numbers["items"], numbers["samples_per_concept"])
+    page.write_text(text.replace("<h2>Erased concepts</h2>", fragment + "<h2>Erased concepts</h2>", 1),
+                    encoding="utf-8")
+    return numbers["items"]
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
     from .io import unique_path
 
     out = Path(args.out) if args.out else unique_path(Path("mace-demo"))
@@ -209,20 +258,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.preserve_prompts < 1:
         raise MaceError(f"--preserve-prompts {args.preserve_prompts}: give at least 1")
     t0 = time.time()
-    if not args.quiet:
-        _say("building the tiny SD1-shaped model (random weights: images are noise-like; the mechanism is real)")
-    host = DiffusersHost.from_tiny(args.seed)
-    concepts, settings = demo_concepts(), demo_settings(args.seed)
-    from .preservation import default_corpus
-
-    preserve = default_corpus()[: args.preserve_prompts]
+    host, concepts, retained, settings, preserve = _demo_setup(args)
     stage = Path(str(out) + ".partial")
     stage.mkdir(parents=True, exist_ok=True)
     cache = stage / "cache"
-    erasure = _run_pipeline(host, concepts, [], settings, preserve=preserve, cache=cache, quiet=args.quiet)
-    retained = ["a photo of a dog", "a painting of a river"]
+    erasure = _run_pipeline(host, concepts, retained, settings, preserve=preserve, cache=cache, quiet=args.quiet)
     _write_outputs(stage, checkpoint=None, host=host, erasure=erasure, concepts=concepts, retained=retained,
                    settings=settings, report_images=3, quiet=args.quiet)
+    if args.model == "world":
+        for item in _world_verdict(stage / "report", host, erasure, args.seed):
+            print(f"  {item['role']:8s} {item['kind']:8s} {item['phrase']:16s} recognised "
+                  f"{item['before']:.0%} -> {item['after']:.0%}")
     _finish(stage, out, cache, keep_cache=False)
     print(f"demo done in {time.time() - t0:.0f} s; report: {out / 'report' / 'report.html'}")
     return EXIT_OK
@@ -483,11 +529,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(func=cmd_run)
 
-    d = sub.add_parser("demo", help="erase three concepts from a tiny model built in code (CPU, < 2 min)")
+    d = sub.add_parser("demo", help="erase an object, a style and a named character from the shipped world model "
+                                    "(CPU, < 2 min)")
     d.add_argument("--out", help="new folder (default ./mace-demo, or the next free mace-demo_NNNNN)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--preserve-prompts", type=int, default=DEMO_PRESERVE_PROMPTS,
-                   help=f"use the first N prompts of the built-in preservation corpus (default {DEMO_PRESERVE_PROMPTS})")
+                   help=f"N preservation prompts: world captions (world) or the built-in corpus (tiny); "
+                        f"default {DEMO_PRESERVE_PROMPTS}")
+    d.add_argument("--model", choices=("world", "tiny"), default="world",
+                   help="world: the trained toy-world model (default); tiny: random weights built in code")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)
 
@@ -532,4 +582,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
-__all__ = ["StageProgress", "build_parser", "demo_concepts", "demo_settings", "main"]
+__all__ = ["StageProgress", "build_parser", "demo_concepts", "demo_settings", "main", "world_demo_settings"]

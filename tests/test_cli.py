@@ -149,14 +149,14 @@ def test_demo_completes(tmp_path, monkeypatch):
 
     monkeypatch.setattr(cli, "demo_settings", quick)
     out = tmp_path / "demo"
-    assert cli.main(["demo", "--out", str(out), "--preserve-prompts", "5", "--quiet"]) == 0
+    assert cli.main(["demo", "--model", "tiny", "--out", str(out), "--preserve-prompts", "5", "--quiet"]) == 0
     report = json.loads((out / "report" / "report.json").read_text())
     assert {c["phrase"] for c in report["concepts"]} == {"Taylor Swift", "airplane", "Van Gogh"}
     assert {c["kind"] for c in report["concepts"]} == {"object", "style"}
     for c in report["concepts"]:
         assert c["losses"] and c["images"] and c["attention_mass_after"] is not None
     assert (out / "report" / "report.html").is_file() and (out / "erasure.safetensors").is_file()
-    assert cli.main(["demo", "--out", str(out), "--quiet"]) == 2
+    assert cli.main(["demo", "--model", "tiny", "--out", str(out), "--quiet"]) == 2
 
 
 # ---------------------------------------------------------------- eval

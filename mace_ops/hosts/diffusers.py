@@ -156,6 +156,20 @@ def check_diffusers_folder(folder: str | os.PathLike[str]) -> None:
             check_safetensors_file(os.path.join(where, name), "weights file")
 
 
+def _context_memo_linear(weight: Tensor) -> LinearFn:
+    """``F.linear(ctx, weight)`` computed once per context tensor (sampling reuses one context every step)."""
+    memo: dict[tuple, Tensor] = {}
+
+    def linear(ctx: Tensor) -> Tensor:  # (B, L, d_ctx) -> (B, L, d_out)
+        key = (ctx.data_ptr(), tuple(ctx.shape), ctx.dtype, ctx.device)
+        if key not in memo:
+            memo.clear()
+            memo[key] = F.linear(ctx, weight.to(ctx.device, ctx.dtype))
+        return memo[key]
+
+    return linear
+
+
 class DiffusersHost:
     """A ``Host`` over diffusers/transformers modules; ``with_weights`` copies share them.
 
@@ -204,6 +218,14 @@ class DiffusersHost:
     def from_tiny(cls, seed: int = 0, **kwargs: Any) -> DiffusersHost:
         """A host over ``mace_ops.tiny.build_tiny_sd(seed)`` (tests, benchmarks)."""
         sd = build_tiny_sd(seed)
+        return cls(sd.unet, sd.text_encoder, sd.vae, alphas_cumprod=sd.alphas_cumprod, **kwargs)
+
+    @classmethod
+    def from_world(cls, **kwargs: Any) -> DiffusersHost:
+        """A host over the trained toy-world model shipped in the package (``mace_ops.world``)."""
+        from ..world.model import load_world_model
+
+        sd = load_world_model()
         return cls(sd.unet, sd.text_encoder, sd.vae, alphas_cumprod=sd.alphas_cumprod, **kwargs)
 
     @classmethod
@@ -427,7 +449,9 @@ class DiffusersHost:
                 return explicit_attention(q, k, v, heads, sink=sink)
 
         total = len(scheduler.timesteps)
-        with self.instrument(attention=attention) as unet:
+        # the context is one tensor for the whole loop: its keys/values are projected once, not every step
+        linears = {n: _context_memo_linear(self._weights.get(n, w)) for n, w in self._original_weights().items()}
+        with self.instrument(linears=linears, attention=attention) as unet:
             for i, t in enumerate(scheduler.timesteps):
                 x_in = torch.cat([x, x]) if guided else x
                 eps = unet(x_in, t.expand(x_in.shape[0]), context).float()

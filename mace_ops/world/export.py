@@ -1,0 +1,46 @@
+"""Write the shipped weights: float16 safetensors of the EMA UNet, the VAE (+ its scaling factor) and
+the classifier into ``mace_ops/world/weights/``, with the training log as metadata.
+
+    python -m mace_ops.world.export --unet runs/unet/unet.pt --vae runs/vae/vae_final.pt --classifier runs/classifier.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .model import WEIGHTS_DIR
+
+
+def _half(state: dict) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to(torch.float16).contiguous() for k, v in state.items() if v.is_floating_point()}
+
+
+def export(unet_ckpt: Path, vae_file: Path, classifier_file: Path, out: Path = WEIGHTS_DIR) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    u = torch.load(unet_ckpt, weights_only=False)
+    meta = {"step": str(u["step"]), "log": json.dumps(u["log"])}
+    save_file(_half(u["ema"]), out / "unet.safetensors", metadata=meta)
+    v = torch.load(vae_file, weights_only=False)
+    vae = _half(v["vae"])
+    vae["scaling_factor"] = torch.tensor([v["scaling_factor"]], dtype=torch.float32)
+    save_file(vae, out / "vae.safetensors")
+    cls = torch.load(classifier_file, weights_only=False)
+    save_file({k: v.contiguous() for k, v in cls.items()}, out / "classifier.safetensors")  # float32, 0.5 MB
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--unet", default="runs/unet/unet.pt")
+    p.add_argument("--vae", default="runs/vae/vae_final.pt")
+    p.add_argument("--classifier", default="runs/classifier.pt")
+    a = p.parse_args()
+    export(Path(a.unet), Path(a.vae), Path(a.classifier))
+
+
+if __name__ == "__main__":
+    main()
