@@ -22,14 +22,14 @@ def _half(state: dict) -> dict[str, torch.Tensor]:
 
 def export(unet_ckpt: Path, vae_file: Path, classifier_file: Path, out: Path = WEIGHTS_DIR) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    u = torch.load(unet_ckpt, weights_only=False)
+    u = torch.load(unet_ckpt, weights_only=True)
     meta = {"step": str(u["step"]), "log": json.dumps(u["log"])}
     save_file(_half(u["ema"]), out / "unet.safetensors", metadata=meta)
-    v = torch.load(vae_file, weights_only=False)
+    v = torch.load(vae_file, weights_only=True)
     vae = _half(v["vae"])
     vae["scaling_factor"] = torch.tensor([v["scaling_factor"]], dtype=torch.float32)
     save_file(vae, out / "vae.safetensors")
-    cls = torch.load(classifier_file, weights_only=False)
+    cls = torch.load(classifier_file, weights_only=True)
     save_file({k: v.contiguous() for k, v in cls.items()}, out / "classifier.safetensors")  # float32, 0.5 MB
 
 

@@ -73,12 +73,12 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     model = WorldClassifier()
     if a.resume:
-        model.load_state_dict(torch.load(a.resume, weights_only=False))
+        model.load_state_dict(torch.load(a.resume, weights_only=True))
     if a.vae:
         from .model import build_vae
 
         vae = build_vae()
-        vae.load_state_dict(torch.load(a.vae, weights_only=False)["vae"])
+        vae.load_state_dict(torch.load(a.vae, weights_only=True)["vae"])
         model = train_classifier(a.vae_steps, lr=5e-4, seed=2, model=model, vae=vae.eval().requires_grad_(False))
     else:
         model = train_classifier(a.steps, model=model)

@@ -93,20 +93,20 @@ def train_unet(vae_file: Path, work: Path, steps: int, batch: int = 32, lr: floa
     """Train or resume (``work/unet.pt``); stops early and checkpoints after ``minutes`` of wall time."""
     work.mkdir(parents=True, exist_ok=True)
     ckpt = work / "unet.pt"
-    vstate = torch.load(vae_file, weights_only=False)
+    vstate = torch.load(vae_file, weights_only=True)
     vae = build_vae()
     vae.load_state_dict(vstate["vae"])
     pool_file = work / "latents.pt"
     if not pool_file.exists():
         torch.save(latent_pool(vae.eval(), vstate["scaling_factor"]), pool_file)
-    pool = torch.load(pool_file)
+    pool = torch.load(pool_file, weights_only=True)
     torch.manual_seed(seed)
     unet = build_unet().train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
     start, log = 0, []
     if ckpt.exists():
-        st = torch.load(ckpt, weights_only=False)
+        st = torch.load(ckpt, weights_only=True)
         unet.load_state_dict(st["unet"])
         ema.load_state_dict(st["ema"])
         opt.load_state_dict(st["opt"])

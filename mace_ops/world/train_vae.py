@@ -46,7 +46,7 @@ def train_vae(work: Path, steps: int, batch: int = 32, lr: float = 2e-3, seed: i
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     start, log = 0, []
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=True)
         vae.load_state_dict(state["vae"])
         opt.load_state_dict(state["opt"])
         start, log = state["step"], state["log"]
