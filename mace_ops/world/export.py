@@ -20,11 +20,33 @@ def _half(state: dict) -> dict[str, torch.Tensor]:
     return {k: v.detach().to(torch.float16).contiguous() for k, v in state.items() if v.is_floating_point()}
 
 
+#: largest shard written: files in the repository stay under 5 MiB each
+MAX_SHARD_BYTES = 4_500_000
+
+
+def save_sharded(tensors: dict[str, torch.Tensor], out: Path, stem: str, metadata: dict[str, str]) -> list[Path]:
+    """``tensors`` as ``{stem}-{i}-of-{n}.safetensors`` files of at most ``MAX_SHARD_BYTES`` of tensor data
+    each (names in sorted order, filled greedily); every shard carries ``metadata``."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].numel() * tensors[name].element_size()
+        if shards[-1] and size + nbytes > MAX_SHARD_BYTES:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensors[name]
+        size += nbytes
+    paths = [out / f"{stem}-{i}-of-{len(shards)}.safetensors" for i in range(1, len(shards) + 1)]
+    for part, path in zip(shards, paths, strict=True):
+        save_file(part, path, metadata=metadata)
+    return paths
+
+
 def export(unet_ckpt: Path, vae_file: Path, classifier_file: Path, out: Path = WEIGHTS_DIR) -> None:
     out.mkdir(parents=True, exist_ok=True)
     u = torch.load(unet_ckpt, weights_only=True)
     meta = {"step": str(u["step"]), "log": json.dumps(u["log"])}
-    save_file(_half(u["ema"]), out / "unet.safetensors", metadata=meta)
+    save_sharded(_half(u["ema"]), out, "unet", meta)
     v = torch.load(vae_file, weights_only=True)
     vae = _half(v["vae"])
     vae["scaling_factor"] = torch.tensor([v["scaling_factor"]], dtype=torch.float32)

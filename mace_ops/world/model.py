@@ -8,7 +8,7 @@ Architecture (``DiffusersHost`` loads it unchanged):
          zero biases, unit layer norms), so its 38M-entry token table need not ship; a fingerprint
          test guards it.
   VAE    ``AutoencoderKL`` 64×64×3 <-> 8×8×4 (8× down, as SD1.x), trained on renders.
-Shipped: ``weights/unet.safetensors`` (EMA weights after 2,882 steps of batch 32) and
+Shipped: ``weights/unet-*-of-2.safetensors`` (EMA weights after 2,882 steps of batch 32) and
 ``weights/vae.safetensors`` in float16 (8.4 MB together), and the classifier (``classifier.py``).
 """
 
@@ -25,10 +25,13 @@ WEIGHTS_DIR = Path(__file__).with_name("weights")
 TEXT_SEED = 1212
 #: sha256 of the shipped files (tests check them; ``export`` rewrites the files, then update these)
 WEIGHTS_SHA256: dict[str, str] = {
-    "unet.safetensors": "d6af40e30e305e6f3e25dc5f8b92e4d6086177f362c2f77e2ec437ee33e5325e",
+    "unet-1-of-2.safetensors": "2eeb9dd6c54018a6b489b8e332aecadc5133f160655442d84b30a7c076b7fe1c",
+    "unet-2-of-2.safetensors": "5a76c8dda6d80e56bf70a468e997a6ba8263e73a84ee2ec2e492d9bf07b2e834",
     "vae.safetensors": "2332030b774737653d91ead906558037c8e96614c3a33c0c23497ef57a29bcc3",
     "classifier.safetensors": "4008bae3e81690bacd21d2acc2ecf74aa8bbde6460743968e10c2b64aaf4aa93",
 }
+#: the UNet ships in shards of under 5 MiB each (``export.save_sharded``), loaded together
+UNET_SHARDS = tuple(sorted(n for n in WEIGHTS_SHA256 if n.startswith("unet-")))
 IMAGE_SIZE = 64  # pixels; latents are IMAGE_SIZE // 8
 
 
@@ -104,7 +107,10 @@ def load_world_model(weights_dir: Path | str | None = None) -> TinySD:
 
     folder = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
     unet, vae = build_unet(), build_vae()
-    unet.load_state_dict({k: v.float() for k, v in load_file(folder / "unet.safetensors").items()})
+    unet_state: dict[str, torch.Tensor] = {}
+    for shard in UNET_SHARDS:
+        unet_state.update(load_file(folder / shard))
+    unet.load_state_dict({k: v.float() for k, v in unet_state.items()})
     vae_state = load_file(folder / "vae.safetensors")
     scale = float(vae_state.pop("scaling_factor").item())
     vae.load_state_dict({k: v.float() for k, v in vae_state.items()})
@@ -114,5 +120,5 @@ def load_world_model(weights_dir: Path | str | None = None) -> TinySD:
     return TinySD(unet=unet, text_encoder=build_text_encoder(), vae=vae, alphas_cumprod=sd1_alphas_cumprod())
 
 
-__all__ = ["IMAGE_SIZE", "TEXT_SEED", "WEIGHTS_DIR", "WEIGHTS_SHA256", "build_text_encoder", "build_unet", "build_vae",
+__all__ = ["IMAGE_SIZE", "TEXT_SEED", "UNET_SHARDS", "WEIGHTS_DIR", "WEIGHTS_SHA256", "build_text_encoder", "build_unet", "build_vae",
            "load_world_model", "parameters_fingerprint"]
