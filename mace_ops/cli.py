@@ -521,6 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--images", type=int, help="training images per concept (default 8)")
     r.add_argument("--size", type=int, help="image size in pixels (default 512)")
     r.add_argument("--sample-steps", type=int, help="sampler steps for generated images (default 30)")
+    r.add_argument("--fast", action="store_true",
+                   help="closed form only (CFR): seconds instead of minutes, no LoRAs; weaker erasure "
+                        "(see the README's 'Does it erase?')")
     r.add_argument("--report-images", type=int, default=8, help="concepts shown with before/after images")
     r.add_argument("--max-concepts", type=int, default=None, help="refuse lists longer than this")
     r.add_argument("--cache", help="cache folder (default: OUT.partial/cache, removed on success)")

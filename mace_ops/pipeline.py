@@ -68,6 +68,8 @@ class ErasureSettings:
     cfg: float = 7.5
     image_size: int = 512
     seed: int = 0
+    #: the ``fast`` mode: CFR's closed form only (seconds), no training data, LoRAs or fusion
+    closed_form_only: bool = False
     # 8 concepts share a forward: bounds memory on full-size models, and an interrupt loses at most 8.
     train: TrainConfig = field(default_factory=lambda: TrainConfig(concepts_per_batch=8))
 
@@ -314,6 +316,8 @@ def run_erasure(
         host, concepts, stats.groups(settings.cfr_preserve, settings.cfr_retained), settings.ridge,
         relative_ridge=settings.relative_ridge, original=original, progress=emit, check_interrupt=check_interrupt,
     )
+    if settings.closed_form_only:
+        return _erasure(host, refined, concepts, settings, losses={})
     data = generate_training_data(
         host, concepts, token_ids=host.token_ids, n_images=settings.n_images, seed=settings.seed,
         steps=settings.sample_steps, cfg=settings.cfg, size=settings.image_size,
@@ -331,9 +335,14 @@ def run_erasure(
         host, refined, bank, concepts, stats.groups(settings.fusion_preserve, settings.fusion_retained),
         settings.ridge, relative_ridge=settings.relative_ridge, original=original, progress=emit, check_interrupt=check_interrupt,
     )
+    return _erasure(host, fused, concepts, settings, losses)
+
+
+def _erasure(host: Host, weights: Mapping[str, Tensor], concepts: list[Concept], settings: ErasureSettings,
+             losses: Mapping[str, Any]) -> Erasure:
     return Erasure(
-        weights={k: v.detach().float().cpu() for k, v in fused.items()},
+        weights={k: v.detach().float().cpu() for k, v in weights.items()},
         base_fingerprint=host.model_fingerprint(),
         concepts=concepts,
-        metadata={"settings": settings.as_metadata(), "losses": losses},
+        metadata={"settings": settings.as_metadata(), "losses": dict(losses)},
     )

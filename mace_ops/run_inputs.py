@@ -136,13 +136,16 @@ def read_concepts(args: argparse.Namespace, token_ids: Any) -> tuple[list, list[
 
 
 def with_overrides(args: argparse.Namespace, settings: Any) -> Any:
-    """``settings`` with --seed, --steps, --lr, --images, --size, --sample-steps applied (``check_numbers`` first)."""
+    """``settings`` with --seed, --steps, --lr, --images, --size, --sample-steps, --fast applied
+    (``check_numbers`` first)."""
     train = dataclasses.replace(settings.train, seed=args.seed)
     if args.steps is not None:
         train = dataclasses.replace(train, steps=args.steps)
     if args.lr is not None:
         train = dataclasses.replace(train, lr=args.lr)
     overrides: dict[str, Any] = {"seed": args.seed, "train": train.check()}
+    if getattr(args, "fast", False):
+        overrides["closed_form_only"] = True
     for field, value in (("n_images", args.images), ("image_size", args.size), ("sample_steps", args.sample_steps)):
         if value is not None:
             overrides[field] = value

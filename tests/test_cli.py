@@ -234,6 +234,10 @@ def test_preset_and_overrides(tmp_path):
     assert settings.train.steps == 7 and settings.n_images == 3 and settings.seed == 5 and settings.train.seed == 5
     assert settings.fusion_preserve == preset.weights["fusion_preserve"]
     assert settings.train.lr == float(preset.train["lr"])
+    assert not settings.closed_form_only
+    fast = run_inputs.with_overrides(cli.build_parser().parse_args(
+        ["run", "--checkpoint", "x", "--preset", "celebrities_10", "--out", str(tmp_path / "o"), "--fast"]), settings)
+    assert fast.closed_form_only and fast.cfr_preserve == settings.cfr_preserve
 
 
 # ---------------------------------------------------------------- cheap inputs before the model

@@ -107,3 +107,19 @@ def test_run_erasure_end_to_end_leaves_host_untouched_and_resumes(tiny_host, cor
         hook.remove()
     assert calls == []
     assert all(torch.allclose(again.weights[k], erasure.weights[k]) for k in W0)
+
+
+def test_fast_mode_is_the_cfr_closed_form_alone(tiny_host, corpus):
+    """``closed_form_only``: the erasure's weights are exactly CFR's (no data, LoRAs or fusion run)."""
+    concepts = [Concept("Taylor Swift", "a person"), Concept("airplane", "sky")]
+    settings = ErasureSettings(cfr_preserve=0.5, ridge=0.1, closed_form_only=True)
+    stages: list[str] = []
+    erasure = run_erasure(tiny_host, concepts, preservation_prompts=corpus[:48], settings=settings,
+                          progress=lambda stage, done, total, info: stages.append(stage))
+    stats = preservation_statistics(tiny_host, corpus[:48])
+    refined = refine_weights(tiny_host, concepts, stats.groups(0.5), 0.1, relative_ridge=settings.relative_ridge)
+    assert set(erasure.weights) == set(refined)
+    for k, w in refined.items():
+        torch.testing.assert_close(erasure.weights[k], w.float(), rtol=0, atol=0)
+    assert not {"data", "train", "fuse"} & set(stages) and erasure.metadata["losses"] == {}
+    assert erasure.metadata["settings"]["closed_form_only"] is True
