@@ -112,3 +112,30 @@ def test_erasing_red_circle_removes_it_and_keeps_blue_circle(world_host, classif
     kept_before, kept_after = rate(world_host, kept[0]), rate(after, kept[0])
     assert gone_after <= gone_before - ERASE_DROP_MIN, (gone_before, gone_after)
     assert kept_after >= kept_before - KEEP_DROP_MAX, (kept_before, kept_after)
+
+
+def test_shared_context_projections_give_the_same_loss_and_gradients():
+    """Training computes K/V once per distinct caption; checked against the UNet projecting every row."""
+    import copy
+
+    import torch
+
+    from mace_ops.world.train_unet import ContextRows, share_context_projections
+
+    torch.manual_seed(0)
+    plain = world_model.build_unet().train()
+    shared, rows = copy.deepcopy(plain), ContextRows()
+    assert share_context_projections(shared, rows) == 32  # 16 blocks × (to_k, to_v)
+    captions = ["a", "b", "a", "c", "b", "a"]
+    table = {c: torch.randn(77, 768) for c in "abc"}
+    ctx = torch.stack([table[c] for c in captions])  # (6, 77, 768)
+    rows.set(captions)
+    assert rows.first.tolist() == [0, 1, 3] and rows.inverse.tolist() == [0, 1, 0, 2, 1, 0]
+    x, t = torch.randn(6, 4, 8, 8), torch.tensor([1, 50, 200, 500, 800, 999])
+    losses = [m(x, t, encoder_hidden_states=ctx).sample.pow(2).mean() for m in (plain, shared)]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=0)
+    for (name, p), q in zip(plain.named_parameters(), shared.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-7, msg=name)
+    assert list(shared.state_dict()) == list(plain.state_dict())
