@@ -18,11 +18,11 @@ from mace_ops.world.sampling import random_look, to_tensor
 from mace_ops.world.vocab import COLOURS, IDENTITIES, OBJECTS, SHAPES, STYLES, Look
 
 # sha256 of the parameters of the text encoder rebuilt from its seed (guards torch's RNG / init order)
-TEXT_ENCODER_FINGERPRINT = "3b2889678a354d78b59857739be838b29e29cf1bec1d66cf254bddb66f018a58"
+TEXT_ENCODER_FINGERPRINT = "fa36687b171a6e30e54c3f65e611df8855734049c817f4e7400a13147df84d0d"
 # measured: see benchmarks/README.md; each floor leaves a margin below the measured figure
-SHAPE_ACCURACY_FLOOR = 0.25  # measured 0.55 (20 samples); chance 0.1
-ERASE_DROP_MIN = 0.2  # measured 0.42 -> 0.00 on 12 samples
-KEEP_DROP_MAX = 0.25  # measured 0.42 -> 0.50
+SHAPE_ACCURACY_FLOOR = 0.6  # measured 1.00 (20 samples); chance 0.1
+ERASE_DROP_MIN = 0.5  # measured red circle 1.00 -> 0.08-0.17 on 12 samples
+KEEP_DROP_MAX = 0.25  # measured red star 1.00 -> 1.00
 
 
 def test_world_sizes_and_identities_are_distinct():
@@ -44,8 +44,20 @@ def test_render_is_seeded_and_prompt_sets_are_disjoint():
         assert len(own_prompts(kind, phrase)) >= 5
 
 
-def test_text_encoder_rebuilds_from_its_seed():
-    assert world_model.parameters_fingerprint(world_model.build_text_encoder()) == TEXT_ENCODER_FINGERPRINT
+def test_text_encoder_rebuilds_from_its_seed_and_tells_words_apart():
+    """Fingerprint, and the property TOKEN_STD was chosen for (measured 0.32 and 0.97): two colour words at
+    one position are far apart, one word in two templates stays close."""
+    import torch
+
+    from mace_ops.tokens import load_sd1_tokenizer, sd1_token_ids
+
+    encoder = world_model.build_text_encoder()
+    assert world_model.parameters_fingerprint(encoder) == TEXT_ENCODER_FINGERPRINT
+    prompts = ["a photo of red star", "a photo of blue star", "a painting of red star"]
+    with torch.no_grad():
+        h = encoder(input_ids=torch.tensor(sd1_token_ids(prompts, load_sd1_tokenizer()))).last_hidden_state
+    h = torch.nn.functional.normalize(h[:, 4], dim=-1)  # the colour word's position, (3, 768)
+    assert float(h[0] @ h[1]) < 0.6 and float(h[0] @ h[2]) > 0.9
 
 
 @pytest.fixture(scope="module")
@@ -95,14 +107,16 @@ def test_model_draws_the_shape_it_is_asked_for(world_host, classifier):
     assert acc >= SHAPE_ACCURACY_FLOOR, acc
 
 
-def test_erasing_red_circle_removes_it_and_keeps_blue_circle(world_host, classifier):
-    """The demo's settings; the neighbour shares the word "circle" and is in the retained group."""
+def test_erasing_red_circle_removes_it_and_keeps_red_star(world_host, classifier):
+    """The demo's settings; both word-neighbours are in the retained group, the test follows "red star"
+    (shares "red"). "blue circle" (shares "circle") is NOT kept by this recipe: benchmarks/README.md."""
     from mace_ops.cli import world_demo_settings
     from mace_ops.pipeline import run_erasure
     from mace_ops.world.demo import preservation_prompts
     from mace_ops.world.evaluate import WorldConcept, recognition
 
-    erased, kept = WorldConcept("object", "red circle"), [WorldConcept("object", "blue circle")]
+    erased = WorldConcept("object", "red circle")
+    kept = [WorldConcept("object", "red star"), WorldConcept("object", "blue circle")]
     s = world_demo_settings(0)
     erasure = run_erasure(world_host, [erased.concept()], preservation_prompts=preservation_prompts([erased], n=100),
                           retained_prompts=[p for c in kept for p in c.prompts()[:2]], settings=s)

@@ -42,11 +42,16 @@ def save_sharded(tensors: dict[str, torch.Tensor], out: Path, stem: str, metadat
     return paths
 
 
-def export(unet_ckpt: Path, vae_file: Path, classifier_file: Path, out: Path = WEIGHTS_DIR) -> None:
+def export(unet_ckpt: Path, vae_file: Path | None, classifier_file: Path | None, out: Path = WEIGHTS_DIR) -> None:
+    """Write the UNet shards, and the VAE and classifier unless their file is ``None`` (kept as shipped)."""
     out.mkdir(parents=True, exist_ok=True)
     u = torch.load(unet_ckpt, weights_only=True)
     meta = {"step": str(u["step"]), "log": json.dumps(u["log"])}
+    for old in out.glob("unet-*-of-*.safetensors"):
+        old.unlink()
     save_sharded(_half(u["ema"]), out, "unet", meta)
+    if vae_file is None or classifier_file is None:
+        return
     v = torch.load(vae_file, weights_only=True)
     vae = _half(v["vae"])
     vae["scaling_factor"] = torch.tensor([v["scaling_factor"]], dtype=torch.float32)
@@ -60,8 +65,12 @@ def main() -> None:
     p.add_argument("--unet", default="runs/unet/unet.pt")
     p.add_argument("--vae", default="runs/vae/vae_final.pt")
     p.add_argument("--classifier", default="runs/classifier.pt")
+    p.add_argument("--unet-only", action="store_true", help="rewrite only the UNet shards (VAE and classifier kept)")
     a = p.parse_args()
-    export(Path(a.unet), Path(a.vae), Path(a.classifier))
+    if a.unet_only:
+        export(Path(a.unet), None, None)
+    else:
+        export(Path(a.unet), Path(a.vae), Path(a.classifier))
 
 
 if __name__ == "__main__":
