@@ -1,0 +1,85 @@
+"""Scale-out engines on the tiny host: a local pool of 2 worker processes gives the erasure of the
+one-process run, a worker SIGKILLed mid-concept is retried with the same result, finished concepts are
+never trained again, and a concept that fails every attempt is named.
+
+Tolerance: the per-concept LoRAs are trained alone in a worker instead of batched in one forward and
+on other thread counts, so factors agree to float32 rounding (``mace_ops.train``); the fused weights
+are compared with ``max |ΔW| <= ERASURE_TOL · max |W|`` (measured: about 1e-7 · max|W| here).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mace_ops.concept_task import KILL_ONCE_ENV, HostRecipe
+from mace_ops.concepts import Concept
+from mace_ops.errors import MaceError
+from mace_ops.local_pool import LocalPool
+from mace_ops.pipeline import ErasureSettings, run_erasure
+from mace_ops.preservation import default_corpus
+from mace_ops.train import TrainConfig
+
+ERASURE_TOL = 1e-4
+LOSS_TOL = 1e-4
+
+CONCEPTS = [Concept("Taylor Swift", "a person"), Concept("airplane", "sky"), Concept("Van Gogh", "art", "style")]
+SETTINGS = ErasureSettings(cfr_preserve=0.5, fusion_preserve=5.0, ridge=0.1, n_images=1, sample_steps=2,
+                           image_size=32, train=TrainConfig(steps=3, lr=1e-3))
+
+
+def erase(host, **kw):
+    return run_erasure(host, CONCEPTS, preservation_prompts=default_corpus()[:16], settings=SETTINGS, **kw)
+
+
+def assert_same_erasure(got, want) -> None:
+    """Weights within ERASURE_TOL of the largest entry, losses within LOSS_TOL (relative), per concept."""
+    assert set(got.weights) == set(want.weights)
+    worst = max(float((got.weights[k] - w).abs().max() / w.abs().max()) for k, w in want.weights.items())
+    print(f"erasure: max |dW| / max |W| = {worst:.2e}")
+    assert worst <= ERASURE_TOL
+    for phrase, losses in want.metadata["losses"].items():
+        assert got.metadata["losses"][phrase] == pytest.approx(losses, rel=LOSS_TOL)
+
+
+@pytest.fixture(scope="module")
+def one_worker(tiny_host):
+    """The reference: the whole run in this process (concepts batched in one forward)."""
+    return erase(tiny_host)
+
+
+def test_two_local_workers_give_the_one_worker_erasure(tiny_host, one_worker, tmp_path):
+    steps = []
+    got = erase(tiny_host, engine=LocalPool(HostRecipe("tiny", 0), workers=2), cache_dir=tmp_path,
+                progress=lambda stage, done, total, info: steps.append((stage, done, total)))
+    assert_same_erasure(got, one_worker)
+    # the training as a whole went through one bar, to steps × concepts, fed by both workers' steps
+    train = [(d, t) for s, d, t, in steps if s == "train"]
+    assert train[-1] == (3 * len(CONCEPTS), 3 * len(CONCEPTS)) and len(train) > len(CONCEPTS)
+    assert len(list(tmp_path.joinpath("tasks").glob("task-*.safetensors"))) == len(CONCEPTS)
+
+
+def test_killed_worker_is_retried_and_the_erasure_matches(tiny_host, one_worker, tmp_path, monkeypatch):
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(KILL_ONCE_ENV, str(marker))
+    got = erase(tiny_host, engine=LocalPool(HostRecipe("tiny", 0), workers=2), cache_dir=tmp_path / "cache")
+    pid, victim = marker.read_text().split(" ", 1)  # a worker did die by SIGKILL at a concept's 2nd step
+    assert victim.strip() in {c.phrase for c in CONCEPTS}
+    assert_same_erasure(got, one_worker)
+
+    # Rerun: every concept is read back from its task file; a pool whose workers could not even build
+    # the host proves that no task was submitted.
+    monkeypatch.delenv(KILL_ONCE_ENV)
+    again = erase(tiny_host, engine=LocalPool(HostRecipe("checkpoint", str(tmp_path / "absent")), workers=2),
+                  cache_dir=tmp_path / "cache")
+    for k, w in got.weights.items():
+        assert torch.equal(again.weights[k], w)
+
+
+def test_a_task_failing_every_attempt_is_named(tiny_host, tmp_path):
+    # Workers whose checkpoint is missing raise in every task: after max_attempts the run names the
+    # concepts and the error, and raises; nothing is written as finished.
+    pool = LocalPool(HostRecipe("checkpoint", str(tmp_path / "absent.safetensors")), workers=1, max_attempts=2)
+    with pytest.raises(MaceError, match=r"failed every attempt.*Taylor Swift.*absent.*2 attempts"):
+        erase(tiny_host, engine=pool, cache_dir=tmp_path)
+    assert not list((tmp_path / "tasks").glob("task-*"))
