@@ -1,51 +1,21 @@
 """Scale-out engines on the tiny host: a local pool of 2 worker processes gives the erasure of the
-one-process run, a worker SIGKILLed mid-concept is retried with the same result, finished concepts are
-never trained again, and a concept that fails every attempt is named.
-
-Tolerance: the per-concept LoRAs are trained alone in a worker instead of batched in one forward and
-on other thread counts, so factors agree to float32 rounding (``mace_ops.train``); the fused weights
-are compared with ``max |ΔW| <= ERASURE_TOL · max |W|`` (measured: about 1e-7 · max|W| here).
-"""
+one-process run (tolerance: ``_engine_case``), a worker SIGKILLed mid-concept is retried with the same
+result, finished concepts are never trained again, and a task that fails every attempt is named."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from _engine_case import CONCEPTS, assert_same_erasure, erase, one_worker_erasure
 
 from mace_ops.concept_task import KILL_ONCE_ENV, HostRecipe
-from mace_ops.concepts import Concept
 from mace_ops.errors import MaceError
 from mace_ops.local_pool import LocalPool
-from mace_ops.pipeline import ErasureSettings, run_erasure
-from mace_ops.preservation import default_corpus
-from mace_ops.train import TrainConfig
-
-ERASURE_TOL = 1e-4
-LOSS_TOL = 1e-4
-
-CONCEPTS = [Concept("Taylor Swift", "a person"), Concept("airplane", "sky"), Concept("Van Gogh", "art", "style")]
-SETTINGS = ErasureSettings(cfr_preserve=0.5, fusion_preserve=5.0, ridge=0.1, n_images=1, sample_steps=2,
-                           image_size=32, train=TrainConfig(steps=3, lr=1e-3))
-
-
-def erase(host, **kw):
-    return run_erasure(host, CONCEPTS, preservation_prompts=default_corpus()[:16], settings=SETTINGS, **kw)
-
-
-def assert_same_erasure(got, want) -> None:
-    """Weights within ERASURE_TOL of the largest entry, losses within LOSS_TOL (relative), per concept."""
-    assert set(got.weights) == set(want.weights)
-    worst = max(float((got.weights[k] - w).abs().max() / w.abs().max()) for k, w in want.weights.items())
-    print(f"erasure: max |dW| / max |W| = {worst:.2e}")
-    assert worst <= ERASURE_TOL
-    for phrase, losses in want.metadata["losses"].items():
-        assert got.metadata["losses"][phrase] == pytest.approx(losses, rel=LOSS_TOL)
 
 
 @pytest.fixture(scope="module")
 def one_worker(tiny_host):
-    """The reference: the whole run in this process (concepts batched in one forward)."""
-    return erase(tiny_host)
+    return one_worker_erasure(tiny_host)
 
 
 def test_two_local_workers_give_the_one_worker_erasure(tiny_host, one_worker, tmp_path):
