@@ -46,6 +46,26 @@ def test_killed_worker_is_retried_and_the_erasure_matches(tiny_host, one_worker,
         assert torch.equal(again.weights[k], w)
 
 
+class Stop(Exception):
+    pass
+
+
+def test_an_interrupt_stops_every_worker_and_keeps_the_finished_concepts(tiny_host, tmp_path):
+    import multiprocessing
+
+    tasks = tmp_path / "tasks"
+
+    def interrupt_after_the_first() -> None:  # what Ctrl-C or ComfyUI's Cancel raises, once a concept is in
+        if tasks.is_dir() and any(tasks.glob("task-*")):
+            raise Stop
+
+    with pytest.raises(Stop):
+        erase(tiny_host, engine=LocalPool(HostRecipe("tiny", 0), workers=2), cache_dir=tmp_path,
+              check_interrupt=interrupt_after_the_first)
+    assert 1 <= len(list(tasks.glob("task-*.safetensors"))) < len(CONCEPTS)
+    assert multiprocessing.active_children() == []  # every worker was stopped
+
+
 def test_a_task_failing_every_attempt_is_named(tiny_host, tmp_path):
     # Workers whose checkpoint is missing raise in every task: after max_attempts the run names the
     # concepts and the error, and raises; nothing is written as finished.
@@ -53,3 +73,13 @@ def test_a_task_failing_every_attempt_is_named(tiny_host, tmp_path):
     with pytest.raises(MaceError, match=r"failed every attempt.*Taylor Swift.*absent.*2 attempts"):
         erase(tiny_host, engine=pool, cache_dir=tmp_path)
     assert not list((tmp_path / "tasks").glob("task-*"))
+
+
+def test_cli_engine_options_are_checked_before_any_model_loads(tmp_path, capsys):
+    from mace_ops.cli import main
+
+    assert main(["demo", "--out", str(tmp_path / "a"), "--workers", "0"]) == 2
+    assert "--workers 0: give at least 1" in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path / "b"), "--workers", "2", "--ray", "auto"]) == 2
+    assert "exclude each other" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
