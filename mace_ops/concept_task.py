@@ -28,7 +28,7 @@ import signal
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from torch import Tensor
 
@@ -54,20 +54,9 @@ class HostFactory(Protocol):
 
 
 @dataclass(frozen=True)
-class ShippedHost:
-    """A ``HostFactory`` that carries the host itself to the worker (pickled with its modules: about
-    190 MB even for the tiny model, whose token embedding is full size). ``device`` is ignored.
-    Prefer a recipe (``HostRecipe``) that rebuilds the host in the worker."""
-
-    host: Any
-
-    def __call__(self, device: str | None) -> Host:
-        return self.host
-
-
-@dataclass(frozen=True)
 class HostRecipe:
-    """A ``HostFactory`` that builds the host in the worker: ``kind`` "checkpoint" (``source``: the
+    """A ``HostFactory`` that builds the host in the worker (cheap to send, unlike a pickled host, which
+    is about 190 MB even for the tiny model): ``kind`` "checkpoint" (``source``: the
     path of an SD1.x checkpoint, readable on every worker's machine), "world" (the shipped world model)
     or "tiny" (``source``: the seed of ``DiffusersHost.from_tiny``)."""
 
@@ -287,7 +276,6 @@ __all__ = [
     "DataSettings",
     "HostFactory",
     "HostRecipe",
-    "ShippedHost",
     "TrainingJob",
     "gather_bank",
     "load_outcome",

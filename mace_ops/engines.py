@@ -6,7 +6,7 @@
     fuse:    once, on the driver (``pipeline.fuse_weights``)
 
 A concept's LoRA does not depend on which worker trained it or what else that worker trained, so the
-erasure equals a one-worker run up to float rounding (``tests/test_engines.py`` states the tolerance).
+erasure equals a one-worker run up to float rounding (``tests/_engine_case.py`` states the tolerance).
 Faults (a worker killed, a node lost, a task raising) are retried by the engine, a bounded number of
 times; concepts that fail every attempt are named in a ``MaceError`` after the others are saved.
 """
