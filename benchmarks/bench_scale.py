@@ -14,8 +14,8 @@ The paper model (printed after, NOT a measurement) is
     T(N, K, M) = ⌈N / (K·M)⌉ · c_gpu + N · o / (K·M) + t_start + t_fuse(N)
 
 with c_gpu the reference's 17.4 s per concept on an A100 (29 min for 100), o from this run, t_start
-60 s (model loading on every worker, assumed) and t_fuse from ``bench_closed_form.py`` (assumed 0.05 s
-per concept on the driver). Not a test.
+60 s (model loading on every worker, assumed) and t_fuse 0.14 s per concept on the driver (statistics +
+fusion add at 1,000 concepts in ``bench_closed_form.py``, CPU). Not a test.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_scale.py --concepts 6 --steps 10
 """
@@ -39,7 +39,9 @@ from mace_ops.train import TrainConfig
 
 PHRASES = ["cat", "dog", "owl", "horse", "tiger", "eagle", "shark", "zebra", "rabbit", "lion", "panda", "koala"]
 REFERENCE_SECONDS_PER_CONCEPT = 29 * 60 / 100  # MACE reference, one A100
-ASSUMED_START_S, ASSUMED_FUSE_S_PER_CONCEPT = 60.0, 0.05
+ASSUMED_START_S = 60.0
+#: the driver's per-concept statistics + fusion add on a CPU: bench_closed_form.py, 1,000 concepts (126 s + 12 s)
+FUSE_S_PER_CONCEPT = 0.14
 
 
 def _job(host: DiffusersHost, steps: int):
@@ -96,15 +98,15 @@ def _ray_rows(host, concepts, steps) -> tuple[list[tuple[str, tuple[float, float
 def _paper_model(overhead_s: float) -> None:
     print("\nPaper model (NOT a measurement): T = ceil(N/(K*M))*c + N*o/(K*M) + t_start + t_fuse")
     print(f"c = {REFERENCE_SECONDS_PER_CONCEPT:.1f} s/concept (reference, A100), o = {overhead_s * 1e3:.1f} ms/task "
-          f"(measured here), t_start = {ASSUMED_START_S:.0f} s, t_fuse = {ASSUMED_FUSE_S_PER_CONCEPT} s/concept "
-          "(both assumed)\n")
+          f"(measured here), t_start = {ASSUMED_START_S:.0f} s (assumed), t_fuse = {FUSE_S_PER_CONCEPT} s/concept "
+          "(bench_closed_form.py)\n")
     print("| concepts | 1 GPU | 8 GPUs × 1 | 8 GPUs × 4 | 8 GPUs × 16 |")
     print("|---:|---:|---:|---:|---:|")
     for n in (1000, 10000):
         cells = []
         for gpus in (1, 8, 32, 128):
             t = (math.ceil(n / gpus) * REFERENCE_SECONDS_PER_CONCEPT + n * overhead_s / gpus + ASSUMED_START_S
-                 + n * ASSUMED_FUSE_S_PER_CONCEPT)
+                 + n * FUSE_S_PER_CONCEPT)
             cells.append(f"{t / 3600:.2f} h")
         print(f"| {n:,} | " + " | ".join(cells) + " |")
 
