@@ -1,7 +1,7 @@
 """``mace-erase``: MACE without the UI (``python -m mace_ops`` too).
 
     mace-erase run  --checkpoint MODEL --concepts FILE | --preset NAME --out DIR [options]
-    mace-erase demo [--out DIR] [--model world|tiny]
+    mace-erase demo [--out DIR] [--model world|tiny] [--workers N | --ray ADDRESS]
     mace-erase eval --suite objects|celebrities|explicit|artists --checkpoint MODEL --out DIR [options]
 
 ``run`` writes into ``DIR`` (which must not exist): the sanitized single-file checkpoint
@@ -9,6 +9,8 @@
 differences that ComfyUI's stock LoRA loader applies), ``concepts.txt`` and ``report/``. Work goes to
 ``DIR.partial/`` first and is renamed to ``DIR`` at the end; the per-concept cache lives in
 ``DIR.partial/cache`` (or ``--cache``), so after Ctrl-C the same command resumes.
+``--workers N`` trains the per-concept LoRAs in N processes on this machine, ``--ray ADDRESS`` on a Ray
+cluster (``mace_ops.engines``); Ctrl-C stops every worker and keeps the finished concepts.
 Exit codes: 0 done, 2 bad input (the message says what to fix), 130 interrupted.
 """
 
@@ -74,15 +76,48 @@ def _say(text: str) -> None:
 
 
 def _run_pipeline(host: Any, concepts: list, retained: list[str], settings: Any, *, preserve: list[str] | None,
-                  cache: Path, quiet: bool) -> Any:
+                  cache: Path, quiet: bool, engine: Any = None) -> Any:
     from .pipeline import run_erasure
 
     bar = StageProgress(enabled=not quiet)
     try:
         return run_erasure(host, concepts, preservation_prompts=preserve, retained_prompts=retained,
-                           settings=settings, cache_dir=str(cache), progress=bar)
+                           settings=settings, cache_dir=str(cache), progress=bar, engine=engine)
     finally:
         bar.close()
+
+
+def _engine(args: argparse.Namespace, recipe: Any) -> Any:
+    """None (train here), a ``LocalPool`` (``--workers N``, N > 1) or a ``RayEngine`` (``--ray ADDRESS``)."""
+    workers, address = getattr(args, "workers", 1), getattr(args, "ray", None)
+    if workers < 1:
+        raise MaceError(f"--workers {workers}: give at least 1")
+    if address is not None and workers > 1:
+        raise MaceError("--workers and --ray exclude each other: Ray places the tasks itself (give --ray-gpus)")
+    device = getattr(args, "device", None) or "cpu"
+    if address is not None:
+        from .ray_engine import RayEngine, import_ray
+
+        import_ray()
+        gpus = args.ray_gpus if args.ray_gpus is not None else (1.0 if device.startswith("cuda") else 0.0)
+        return RayEngine(recipe, None if address == "local" else address, num_gpus=gpus)
+    if workers == 1:
+        return None
+    from .local_pool import LocalPool
+
+    devices = [f"cuda:{i}" for i in range(workers)] if device == "cuda" else [device] * workers
+    return LocalPool(recipe, workers, devices=devices)
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, default=1,
+                   help="train the concepts in N worker processes on this machine (with --device cuda: one per GPU, "
+                        "cuda:0..N-1)")
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="train on a Ray cluster: 'auto' (a running cluster, e.g. after `ray start --head`), "
+                        "HOST:PORT, or 'local' (start one on this machine); needs pip install 'comfyui-mace[ray]'")
+    p.add_argument("--ray-gpus", type=float, default=None,
+                   help="GPUs per Ray task (fractions share a GPU); default 1 with --device cuda, else 0")
 
 
 def _losses(erasure: Any) -> dict[str, list[float]]:
@@ -157,6 +192,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Check every cheap input first (``run_inputs``: nothing loaded or written on a bad one), then load
     the model and erase."""
     from .checkpoint import load_sd1_host
+    from .concept_task import HostRecipe
 
     inputs = check_run_inputs(args)
     out, checkpoint, concepts = inputs.out, inputs.checkpoint, inputs.concepts
@@ -165,6 +201,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     t0 = time.time()
     if not args.quiet:
         _say(f"inputs checked ({len(concepts)} concepts); loading {checkpoint} ...")
+    engine = _engine(args, HostRecipe("checkpoint", str(Path(checkpoint).resolve())))
     host = load_sd1_host(checkpoint, device=args.device)
     if stage.exists() and not args.quiet:
         _say(f"resuming: reusing finished work in {stage}")
@@ -173,7 +210,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.quiet:
         _say(f"erasing {len(concepts)} concepts (cache: {cache})")
     erasure = _run_pipeline(host, concepts, inputs.retained, inputs.settings, preserve=inputs.preserve,
-                            cache=cache, quiet=args.quiet)
+                            cache=cache, quiet=args.quiet, engine=engine)
     written = _write_outputs(stage, checkpoint=checkpoint, host=host, erasure=erasure, concepts=concepts,
                              retained=inputs.retained, settings=inputs.settings, report_images=args.report_images,
                              quiet=args.quiet)
@@ -252,6 +289,7 @@ def _world_verdict(report_dir: Path, host: Any, erasure: Any, seed: int) -> list
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from .concept_task import HostRecipe
     from .io import unique_path
 
     out = Path(args.out) if args.out else unique_path(Path("mace-demo"))
@@ -259,11 +297,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.preserve_prompts < 1:
         raise MaceError(f"--preserve-prompts {args.preserve_prompts}: give at least 1")
     t0 = time.time()
+    engine = _engine(args, HostRecipe(args.model, args.seed))
     host, concepts, retained, settings, preserve = _demo_setup(args)
     stage = Path(str(out) + ".partial")
     stage.mkdir(parents=True, exist_ok=True)
     cache = stage / "cache"
-    erasure = _run_pipeline(host, concepts, retained, settings, preserve=preserve, cache=cache, quiet=args.quiet)
+    erasure = _run_pipeline(host, concepts, retained, settings, preserve=preserve, cache=cache, quiet=args.quiet,
+                            engine=engine)
     _write_outputs(stage, checkpoint=None, host=host, erasure=erasure, concepts=concepts, retained=retained,
                    settings=settings, report_images=3, quiet=args.quiet)
     if args.model == "world":
@@ -531,6 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--keep-cache", action="store_true", help="keep the default cache after success")
     r.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
     r.add_argument("--quiet", action="store_true")
+    _add_engine_args(r)
     r.set_defaults(func=cmd_run)
 
     d = sub.add_parser("demo", help="erase an object, a style and a named character from the shipped world model "
@@ -543,6 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", choices=("world", "tiny"), default="world",
                    help="world: the trained toy-world model (default); tiny: random weights built in code")
     d.add_argument("--quiet", action="store_true")
+    _add_engine_args(d)
     d.set_defaults(func=cmd_demo)
 
     e = sub.add_parser("eval", help="generate a benchmark prompt set and compute the metrics available here")

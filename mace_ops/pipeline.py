@@ -292,13 +292,14 @@ def run_erasure(
     cache_dir: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
     check_interrupt: Interrupt | None = None,
+    engine: Any = None,
 ) -> Erasure:
     """Run the whole MACE pipeline on ``host`` (never mutated) and return the Erasure.
 
     With ``cache_dir`` the preservation statistics, training images/masks and each finished concept's
-    LoRA are kept there, so an interrupted run resumes where it stopped."""
-    from .data import generate_training_data
-    from .train import train_concept_loras
+    LoRA are kept there, so an interrupted run resumes where it stopped. ``engine``
+    (``mace_ops.engines.Engine``: ``LocalPool``, ``RayEngine``) makes the training data and the LoRAs
+    per concept on its workers (their host must be ``host``'s model); fusion stays here."""
 
     settings = settings or ErasureSettings()
     concepts = list(concepts)
@@ -318,19 +319,12 @@ def run_erasure(
     )
     if settings.closed_form_only:
         return _erasure(host, refined, concepts, settings, losses={})
-    data = generate_training_data(
-        host, concepts, token_ids=host.token_ids, n_images=settings.n_images, seed=settings.seed,
-        steps=settings.sample_steps, cfg=settings.cfg, size=settings.image_size,
-        user_images=user_images, user_masks=user_masks,
-        cache_dir=None if cache is None else cache / "data",
-        progress=lambda done, total, phrase: emit("data", done, total, {"concept": phrase}),
-        check_interrupt=check_interrupt,
-    )
-    bank, losses = train_concept_loras(
-        host.with_weights(refined), data, settings.train, token_ids=host.token_ids, base_weights=refined,
-        progress=lambda step, total, phrase, loss: emit("train", step, total, {"concept": phrase, "loss": loss}),
-        check_interrupt=check_interrupt, cache_dir=None if cache is None else cache / "loras",
-    )
+    if engine is None:
+        bank, losses = _train_here(host, concepts, refined, settings, user_images, user_masks, cache, emit,
+                                   check_interrupt)
+    else:
+        bank, losses = _train_on(engine, host, concepts, refined, settings, user_images, user_masks, cache, emit,
+                                 check_interrupt)
     fused = fuse_weights(
         host, refined, bank, concepts, stats.groups(settings.fusion_preserve, settings.fusion_retained),
         settings.ridge, relative_ridge=settings.relative_ridge, original=original, progress=emit, check_interrupt=check_interrupt,
@@ -345,4 +339,46 @@ def _erasure(host: Host, weights: Mapping[str, Tensor], concepts: list[Concept],
         base_fingerprint=host.model_fingerprint(),
         concepts=concepts,
         metadata={"settings": settings.as_metadata(), "losses": dict(losses)},
+    )
+
+
+def _train_here(
+    host: Host, concepts: list[Concept], refined: Mapping[str, Tensor], settings: ErasureSettings,
+    user_images: Mapping[str, Tensor] | None, user_masks: Mapping[str, Tensor] | None, cache: Path | None,
+    emit: Progress, check_interrupt: Interrupt | None,
+) -> tuple[LoRABank, dict[str, list[float]]]:
+    """Training data and LoRAs in this process (batched: ``settings.train.concepts_per_batch``)."""
+    from .data import generate_training_data
+    from .train import train_concept_loras
+
+    data = generate_training_data(
+        host, concepts, token_ids=host.token_ids, n_images=settings.n_images, seed=settings.seed,
+        steps=settings.sample_steps, cfg=settings.cfg, size=settings.image_size,
+        user_images=user_images, user_masks=user_masks,
+        cache_dir=None if cache is None else cache / "data",
+        progress=lambda done, total, phrase: emit("data", done, total, {"concept": phrase}),
+        check_interrupt=check_interrupt,
+    )
+    return train_concept_loras(
+        host.with_weights(refined), data, settings.train, token_ids=host.token_ids, base_weights=refined,
+        progress=lambda step, total, phrase, loss: emit("train", step, total, {"concept": phrase, "loss": loss}),
+        check_interrupt=check_interrupt, cache_dir=None if cache is None else cache / "loras",
+    )
+
+
+def _train_on(
+    engine: Any, host: Host, concepts: list[Concept], refined: Mapping[str, Tensor], settings: ErasureSettings,
+    user_images: Mapping[str, Tensor] | None, user_masks: Mapping[str, Tensor] | None, cache: Path | None,
+    emit: Progress, check_interrupt: Interrupt | None,
+) -> tuple[LoRABank, dict[str, list[float]]]:
+    """Training data and LoRAs per concept on the engine's workers (``mace_ops.engines``)."""
+    from .concept_task import DataSettings
+    from .engines import make_job, train_on_engine
+
+    data = DataSettings(settings.n_images, settings.seed, settings.sample_steps, settings.cfg, settings.image_size)
+    worker_cache = cache if cache is not None and engine.shares_files else None
+    job = make_job(refined, host.model_fingerprint(), data, settings.train, worker_cache)
+    return train_on_engine(
+        engine, job, concepts, user_images=user_images, user_masks=user_masks,
+        cache_dir=None if cache is None else cache / "tasks", progress=emit, check_interrupt=check_interrupt,
     )

@@ -1,0 +1,85 @@
+"""Scale-out engines on the tiny host: a local pool of 2 worker processes gives the erasure of the
+one-process run (tolerance: ``_engine_case``), a worker SIGKILLed mid-concept is retried with the same
+result, finished concepts are never trained again, and a task that fails every attempt is named."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _engine_case import CONCEPTS, assert_same_erasure, erase, one_worker_erasure
+
+from mace_ops.concept_task import KILL_ONCE_ENV, HostRecipe
+from mace_ops.errors import MaceError
+from mace_ops.local_pool import LocalPool
+
+
+@pytest.fixture(scope="module")
+def one_worker(tiny_host):
+    return one_worker_erasure(tiny_host)
+
+
+def test_two_local_workers_give_the_one_worker_erasure(tiny_host, one_worker, tmp_path):
+    steps = []
+    got = erase(tiny_host, engine=LocalPool(HostRecipe("tiny", 0), workers=2), cache_dir=tmp_path,
+                progress=lambda stage, done, total, info: steps.append((stage, done, total)))
+    assert_same_erasure(got, one_worker)
+    # the training as a whole went through one bar, to steps × concepts, fed by both workers' steps
+    train = [(d, t) for s, d, t, in steps if s == "train"]
+    assert train[-1] == (3 * len(CONCEPTS), 3 * len(CONCEPTS)) and len(train) > len(CONCEPTS)
+    assert len(list(tmp_path.joinpath("tasks").glob("task-*.safetensors"))) == len(CONCEPTS)
+
+
+def test_killed_worker_is_retried_and_the_erasure_matches(tiny_host, one_worker, tmp_path, monkeypatch):
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(KILL_ONCE_ENV, str(marker))
+    got = erase(tiny_host, engine=LocalPool(HostRecipe("tiny", 0), workers=2), cache_dir=tmp_path / "cache")
+    pid, victim = marker.read_text().split(" ", 1)  # a worker did die by SIGKILL at a concept's 2nd step
+    assert victim.strip() in {c.phrase for c in CONCEPTS}
+    assert_same_erasure(got, one_worker)
+
+    # Rerun: every concept is read back from its task file; a pool whose workers could not even build
+    # the host proves that no task was submitted.
+    monkeypatch.delenv(KILL_ONCE_ENV)
+    again = erase(tiny_host, engine=LocalPool(HostRecipe("checkpoint", str(tmp_path / "absent")), workers=2),
+                  cache_dir=tmp_path / "cache")
+    for k, w in got.weights.items():
+        assert torch.equal(again.weights[k], w)
+
+
+class Stop(Exception):
+    pass
+
+
+def test_an_interrupt_stops_every_worker_and_keeps_the_finished_concepts(tiny_host, tmp_path):
+    import multiprocessing
+
+    tasks = tmp_path / "tasks"
+
+    def interrupt_after_the_first() -> None:  # what Ctrl-C or ComfyUI's Cancel raises, once a concept is in
+        if tasks.is_dir() and any(tasks.glob("task-*")):
+            raise Stop
+
+    with pytest.raises(Stop):
+        erase(tiny_host, engine=LocalPool(HostRecipe("tiny", 0), workers=2), cache_dir=tmp_path,
+              check_interrupt=interrupt_after_the_first)
+    assert 1 <= len(list(tasks.glob("task-*.safetensors"))) < len(CONCEPTS)
+    assert multiprocessing.active_children() == []  # every worker was stopped
+
+
+def test_a_task_failing_every_attempt_is_named(tiny_host, tmp_path):
+    # Workers whose checkpoint is missing raise in every task: after max_attempts the run names the
+    # concepts and the error, and raises; nothing is written as finished.
+    pool = LocalPool(HostRecipe("checkpoint", str(tmp_path / "absent.safetensors")), workers=1, max_attempts=2)
+    with pytest.raises(MaceError, match=r"failed every attempt.*Taylor Swift.*absent.*2 attempts"):
+        erase(tiny_host, engine=pool, cache_dir=tmp_path)
+    assert not list((tmp_path / "tasks").glob("task-*"))
+
+
+def test_cli_engine_options_are_checked_before_any_model_loads(tmp_path, capsys):
+    from mace_ops.cli import main
+
+    assert main(["demo", "--out", str(tmp_path / "a"), "--workers", "0"]) == 2
+    assert "--workers 0: give at least 1" in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path / "b"), "--workers", "2", "--ray", "auto"]) == 2
+    assert "exclude each other" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
