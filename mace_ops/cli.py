@@ -511,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--concepts", help="text file: one 'phrase -> anchor' (or 'phrase') per line")
     src.add_argument("--preset", help="a bundled preset (e.g. celebrities_100, artists_100, explicit, objects_cifar10)")
     r.add_argument("--out", required=True, help="new folder for the results (must not exist)")
-    r.add_argument("--kind", choices=("object", "style"), default="object", help="kind of the --concepts list")
+    r.add_argument("--kind", choices=("object", "style"), default="object", help="kind of the --concepts lines without ':: kind' (e.g. 'Van Gogh -> art :: style')")
     r.add_argument("--anchor", help="default anchor for lines without '->' (object: 'a person', style: 'art')")
     r.add_argument("--preserve", help="text file of preservation prompts (default: the built-in corpus)")
     r.add_argument("--retained", help="text file of prompts to keep (second preservation group)")

@@ -73,12 +73,14 @@ class MaceConceptList:
                 "concepts": ("STRING", {
                     "multiline": True, "default": "",
                     "tooltip": "One concept per line: 'Taylor Swift -> a woman'. A line without '->' uses the "
-                               "default anchor; '#' starts a comment. Leave empty to use the preset's list.",
+                               "default anchor; ':: style' or ':: object' at the end gives that line its own "
+                               "kind ('Van Gogh -> art :: style'); '#' starts a comment. Leave empty to use "
+                               "the preset's list.",
                 }),
                 "kind": (["object", "style"], {
                     "default": "object",
                     "tooltip": "object: people, things, explicit content (trained with masks); style: artists' "
-                               "styles (no masks). A preset sets its own kind.",
+                               "styles (no masks). The kind of lines without ':: kind'; a preset sets its own.",
                 }),
                 "default_anchor": ("STRING", {
                     "default": "a person",

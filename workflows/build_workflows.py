@@ -256,10 +256,10 @@ def tasks() -> list[Task]:
         Task(
             name="mace_quick_demo",
             title="MACE quick demo: erase a person, an object and a style",
-            summary=("Erases three concepts with few, small steps: a first look at MACE. The list has one kind "
-                     "for all lines ('object'), so the style line uses the object templates and masks; for "
-                     "styles proper use kind 'style' (see mace_erase_artists_100)."),
-            concepts={"concepts": "Taylor Swift -> a woman\nship -> sea\nVan Gogh -> art",
+            summary=("Erases three concepts with few, small steps: a first look at MACE. One list mixes kinds: "
+                     "the person and the object are objects (the node's kind, trained with masks), the line "
+                     "'Van Gogh -> art :: style' is erased as a style (style templates, no masks)."),
+            concepts={"concepts": "Taylor Swift -> a woman\nship -> sea\nVan Gogh -> art :: style",
                       "kind": "object", "default_anchor": "a person", "preset": "none"},
             train={"steps": 20, "images_per_concept": 2, "sample_steps": 20},
             preview={"preserved_prompts": "a photo of a dog\na portrait of a man\na boat on a lake",
