@@ -3,6 +3,8 @@
     mace-erase run  --checkpoint MODEL --concepts FILE | --preset NAME --out DIR [options]
     mace-erase demo [--out DIR] [--model world|tiny]
     mace-erase eval --suite objects|celebrities|explicit|artists --checkpoint MODEL --out DIR [options]
+    mace-erase fuse --checkpoint MODEL --concepts FILE --lora FILE [--lora FILE ...] --out FILE
+                    (LoRAs trained elsewhere, one per concept: ``mace_ops.fuse_command``)
 
 ``run`` writes into ``DIR`` (which must not exist): the sanitized single-file checkpoint
 ``<name>_mace.safetensors``, the erasure file ``erasure.safetensors`` (a LoRA-style file of weight
@@ -558,6 +560,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default=None)
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)
+
+    from .fuse_command import add_fuse_parser
+
+    add_fuse_parser(sub)
     return p
 
 

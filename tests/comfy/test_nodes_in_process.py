@@ -183,3 +183,62 @@ def test_two_graphs_on_the_same_model_never_leak(nodes, run):
             assert torch.equal(w, w0[n])
     after = _state(model)
     assert all(torch.equal(run["before"][k], after[k]) for k in after)
+
+
+def test_fuse_external_loras_node_fuses_files_from_the_loras_folder(nodes, tiny_parts, tmp_path):
+    """Two LoRA files (kohya keys with LDM names; diffusers keys) in a loras folder, fused by the node as
+    the core computes it; a file with a self-attention key is refused by name, or listed when allowed."""
+    import folder_paths
+    from safetensors.torch import save_file
+
+    from mace_ops.errors import MaceError
+    from mace_ops.external_lora import (
+        diffusers_block_name,
+        fuse_external_loras,
+        layers_per_block,
+        read_external_lora,
+    )
+    from mace_ops.hosts.comfy import ComfyHost
+
+    model, clip, _ = tiny_parts
+    host = ComfyHost(model, clip)
+    shapes = {k: tuple(w.shape) for k, w in host.cross_attention_weights().items()}
+    per = layers_per_block([n.rsplit(".", 1)[0] for n in shapes])  # this tiny layout: 1 res block per level
+    g = torch.Generator().manual_seed(0)
+    kohya, diffusers = {}, {}
+    for name, (o, d) in shapes.items():
+        block, proj = name.rsplit(".", 1)
+        base = "lora_unet_" + name.replace(".", "_")
+        kohya[f"{base}.lora_down.weight"], kohya[f"{base}.lora_up.weight"] = torch.randn(2, d, generator=g), torch.randn(o, 2, generator=g)
+        kohya[f"{base}.alpha"] = torch.tensor(1.0)
+        dn = f"unet.{diffusers_block_name(block, per)}.{proj}"
+        diffusers[f"{dn}.lora_A.weight"], diffusers[f"{dn}.lora_B.weight"] = torch.randn(1, d, generator=g), torch.randn(o, 1, generator=g)
+    attn1 = "lora_unet_" + next(iter(shapes)).replace("attn2", "attn1").replace(".", "_")
+    with_other = dict(kohya, **{f"{attn1}.lora_down.weight": torch.zeros(1, 4), f"{attn1}.lora_up.weight": torch.zeros(4, 1)})
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    for fname, tensors in (("a.safetensors", kohya), ("b.safetensors", diffusers), ("c.safetensors", with_other)):
+        save_file(tensors, str(folder / fname))
+    folder_paths.add_model_folder_path("loras", str(folder))
+
+    with torch.inference_mode():
+        (concepts,) = nodes["MaceConceptList"].build("cat -> a dog\nMonet -> art :: style", "object", "a thing", "none")
+        (pres,) = nodes["MacePreservationSet"].build(clip, "none", "a photo of a house\na red car", "", "object")
+        erased, erasure, report = nodes["MaceFuseExternalLoRAs"].fuse(
+            model, clip, concepts, pres, "a.safetensors\nb.safetensors", False, 2.0, 0.0, 0.1)
+        loras = [read_external_lora(folder / f, shapes) for f in ("a.safetensors", "b.safetensors")]
+        want = fuse_external_loras(host, concepts.concepts, loras, pres.statistics.groups(2.0, 0.0), 0.1)
+        for k, w in want.items():
+            torch.testing.assert_close(erasure.erasure.weights[k], w)
+        assert f"cat (object): a.safetensors, kohya keys, {len(shapes)} to_k/to_v" in report
+        assert "Monet (style): b.safetensors, diffusers keys" in report
+        assert ComfyHost(erased).cross_attention_weights().keys() == want.keys()
+        with pytest.raises(MaceError, match="attn1"):
+            nodes["MaceFuseExternalLoRAs"].fuse(model, clip, concepts, pres, "c.safetensors\nb.safetensors",
+                                               False, 2.0, 0.0, 0.1)
+        *_, report = nodes["MaceFuseExternalLoRAs"].fuse(model, clip, concepts, pres, "c.safetensors\nb.safetensors",
+                                                         True, 2.0, 0.0, 0.1)
+        assert "ignored 1: " + attn1[len("lora_unet_"):] in report
+        with pytest.raises(MaceError, match="not in the loras folder"):
+            nodes["MaceFuseExternalLoRAs"].fuse(model, clip, concepts, pres, "missing.safetensors\nb.safetensors",
+                                               False, 2.0, 0.0, 0.1)
