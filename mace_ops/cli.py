@@ -3,6 +3,8 @@
     mace-erase run  --checkpoint MODEL --concepts FILE | --preset NAME --out DIR [options]
     mace-erase demo [--out DIR] [--model world|tiny] [--workers N | --ray ADDRESS]
     mace-erase eval --suite objects|celebrities|explicit|artists --checkpoint MODEL --out DIR [options]
+    mace-erase fuse --checkpoint MODEL --concepts FILE --lora FILE [--lora FILE ...] --out FILE
+                    (LoRAs trained elsewhere, one per concept: ``mace_ops.fuse_command``)
 
 ``run`` writes into ``DIR`` (which must not exist): the sanitized single-file checkpoint
 ``<name>_mace.safetensors``, the erasure file ``erasure.safetensors`` (a LoRA-style file of weight
@@ -552,7 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--concepts", help="text file: one 'phrase -> anchor' (or 'phrase') per line")
     src.add_argument("--preset", help="a bundled preset (e.g. celebrities_100, artists_100, explicit, objects_cifar10)")
     r.add_argument("--out", required=True, help="new folder for the results (must not exist)")
-    r.add_argument("--kind", choices=("object", "style"), default="object", help="kind of the --concepts list")
+    r.add_argument("--kind", choices=("object", "style"), default="object", help="kind of the --concepts lines without ':: kind' (e.g. 'Van Gogh -> art :: style')")
     r.add_argument("--anchor", help="default anchor for lines without '->' (object: 'a person', style: 'art')")
     r.add_argument("--preserve", help="text file of preservation prompts (default: the built-in corpus)")
     r.add_argument("--retained", help="text file of prompts to keep (second preservation group)")
@@ -604,6 +606,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default=None)
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)
+
+    from .fuse_command import add_fuse_parser
+
+    add_fuse_parser(sub)
     return p
 
 

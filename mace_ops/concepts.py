@@ -27,13 +27,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import MaceError
 from .tokens import MAX_LENGTH, TokenIds, ids_fit, unpadded_length
 
 KINDS = ("object", "style")
 ARROW = "->"
+#: Per-line kind: ``Van Gogh -> art :: style``. '::' because it reads as "of type", cannot be part of an
+#: anchor that a user would write, and is unlike both '->' and the '#' comment.
+KIND_MARK = "::"
 
 # Our own templates. "{}" is the phrase (or the anchor, for the anchor twin).
 OBJECT_TEMPLATES: tuple[str, ...] = (
@@ -155,14 +158,49 @@ def longest_template(templates: Sequence[str], token_ids: TokenIds) -> str:
     return templates[max(range(len(templates)), key=lambda i: lengths[i])]
 
 
-def split_concept_line(raw: str, default_anchor: str) -> tuple[str, str, int] | None:
-    """One concept-list line -> ``(phrase, anchor, number of '->' parts)``, spaces normalised, the
-    (normalised) ``default_anchor`` when the line has no arrow; None for a blank or comment line."""
+class ConceptLine(NamedTuple):
+    """One concept-list line split into its parts (not yet checked)."""
+
+    phrase: str  # spaces normalised
+    anchor: str  # the normalised default anchor when the line has no '->'
+    arrows: int  # number of '->' parts (1: no arrow, 2: one arrow, more: an error)
+    kind: str | None  # the casefolded word after '::', None when the line has no '::'
+    kind_marks: int  # number of '::' parts (1: none, 2: one, more: an error)
+
+
+def split_concept_line(raw: str, default_anchor: str) -> ConceptLine | None:
+    """One concept-list line ``phrase [-> anchor] [:: kind]`` -> its parts; None for a blank or comment
+    line. The kind marker comes last: ``Van Gogh -> art :: style``; ``cat :: object`` keeps the default
+    anchor."""
     line = raw.split("#", 1)[0].strip()
     if not line:
         return None
-    parts = line.split(ARROW)
-    return _normalise(parts[0]), _normalise(parts[1]) if len(parts) == 2 else default_anchor, len(parts)
+    body, *kinds = line.split(KIND_MARK)
+    kind = _normalise(kinds[0]).casefold() if kinds else None
+    parts = body.split(ARROW)
+    anchor = _normalise(parts[1]) if len(parts) == 2 else default_anchor
+    return ConceptLine(_normalise(parts[0]), anchor, len(parts), kind, 1 + len(kinds))
+
+
+def _line_error(split: ConceptLine, default_anchor: str) -> str | None:
+    """What is wrong with one split line on its own (None: nothing)."""
+    if split.kind_marks > 2:
+        return f"more than one '{KIND_MARK}'; write at most one ':: kind' at the end of the line"
+    if split.kind is not None and split.kind not in KINDS:
+        what = "empty kind" if not split.kind else f"unknown kind {split.kind!r}"
+        return f"{what} after '{KIND_MARK}'; use one of {', '.join(KINDS)} or drop the ':: kind'"
+    if split.arrows > 2:
+        return f"more than one '{ARROW}'; write one 'phrase -> anchor' per line"
+    if not split.phrase:
+        return f"empty phrase; write the phrase to erase before '{ARROW}'"
+    if split.arrows == 2 and not split.anchor:
+        return (f"empty anchor after '{ARROW}'; give an anchor or drop the arrow to use "
+                f"the default anchor {default_anchor!r}")
+    if not split.anchor:
+        return "no anchor and the default anchor is empty; write 'phrase -> anchor'"
+    if _key(split.phrase) == _key(split.anchor):
+        return f"phrase {split.phrase!r} equals its anchor; give a different anchor"
+    return None
 
 
 def parse_concept_list(
@@ -173,13 +211,15 @@ def parse_concept_list(
     token_ids: TokenIds | None = None,
     max_concepts: int | None = None,
 ) -> list[Concept]:
-    """Parse one ``phrase -> anchor`` (or ``phrase`` alone: ``default_anchor``) per line.
+    """Parse one ``phrase -> anchor :: kind`` per line; ``-> anchor`` is optional (``default_anchor``), and
+    so is ``:: kind`` (``kind``), so one list mixes objects and styles: ``Van Gogh -> art :: style``.
 
     ``#`` starts a comment (full line or trailing; a phrase cannot contain ``#``); blank lines are ignored;
-    runs of whitespace collapse to one space. All problems are reported at once, each naming its line:
-    empty phrase or anchor, more than one ``->``, phrase equal to its anchor, duplicate phrases
-    (case/space-insensitive), and, when ``token_ids`` is given, a phrase or anchor whose longest template
-    prompt does not fit in 77 tokens.
+    runs of whitespace collapse to one space; the kind word is case-insensitive. All problems are reported
+    at once, each naming its line: more than one ``::``, an empty or unknown kind, empty phrase or anchor,
+    more than one ``->``, phrase equal to its anchor, duplicate phrases (case/space-insensitive), and, when
+    ``token_ids`` is given, a phrase or anchor whose longest template prompt (of the line's kind) does not
+    fit in 77 tokens.
     """
     _check_kind(kind)
     default_anchor = _normalise(default_anchor)
@@ -191,31 +231,15 @@ def parse_concept_list(
         split = split_concept_line(raw, default_anchor)
         if split is None:
             continue
-        phrase, anchor, n_parts = split
         where = f"concept list line {n} ({raw.strip()!r})"
-        if n_parts > 2:
-            errors.append(f"{where}: more than one '{ARROW}'; write one 'phrase -> anchor' per line")
+        problem = _line_error(split, default_anchor)
+        if problem is None and _key(split.phrase) in seen:
+            problem = f"phrase {split.phrase!r} repeats line {seen[_key(split.phrase)]}; remove one of them"
+        if problem is not None:
+            errors.append(f"{where}: {problem}")
             continue
-        if not phrase:
-            errors.append(f"{where}: empty phrase; write the phrase to erase before '{ARROW}'")
-            continue
-        if n_parts == 2 and not anchor:
-            errors.append(
-                f"{where}: empty anchor after '{ARROW}'; give an anchor or drop the arrow to use "
-                f"the default anchor {default_anchor!r}"
-            )
-            continue
-        if not anchor:
-            errors.append(f"{where}: no anchor and the default anchor is empty; write 'phrase -> anchor'")
-            continue
-        if _key(phrase) == _key(anchor):
-            errors.append(f"{where}: phrase {phrase!r} equals its anchor; give a different anchor")
-            continue
-        if _key(phrase) in seen:
-            errors.append(f"{where}: phrase {phrase!r} repeats line {seen[_key(phrase)]}; remove one of them")
-            continue
-        seen[_key(phrase)] = n
-        concepts.append(Concept(phrase, anchor, kind))
+        seen[_key(split.phrase)] = n
+        concepts.append(Concept(split.phrase, split.anchor, split.kind or kind))
         lines_of.append(n)
     if not concepts and not errors:
         raise MaceError("concept list is empty; write one 'phrase -> anchor' per line")
@@ -225,25 +249,28 @@ def parse_concept_list(
             f"split it or raise the limit"
         )
     if token_ids is not None and concepts:
-        longest = longest_template(templates_for(kind), token_ids)
-        checks = [(n, role, words) for c, n in zip(concepts, lines_of, strict=True)
+        longest = {k: longest_template(templates_for(k), token_ids) for k in {c.kind for c in concepts}}
+        checks = [(n, role, longest[c.kind].format(words), words) for c, n in zip(concepts, lines_of, strict=True)
                   for role, words in (("phrase", c.phrase), ("anchor", c.anchor))]
         # one tokenizer call for all prompts (thousands of concepts)
-        rows = token_ids([longest.format(words) for _, _, words in checks])
-        for (n, role, words), ids in zip(checks, rows, strict=True):
+        rows = token_ids([prompt for _, _, prompt, _ in checks])
+        for (n, role, prompt, words), ids in zip(checks, rows, strict=True):
             if not ids_fit(ids):
                 errors.append(
                     f"concept list line {n}: {role} {words!r} is too long: the prompt "
-                    f"{longest.format(words)!r} exceeds {MAX_LENGTH} tokens; shorten it"
+                    f"{prompt!r} exceeds {MAX_LENGTH} tokens; shorten it"
                 )
     if errors:
         raise MaceError("\n".join(errors))
     return concepts
 
 
-def format_concept_list(concepts: Sequence[Concept]) -> str:
-    """The text form ``phrase -> anchor`` one per line (inverse of ``parse_concept_list``)."""
-    return "\n".join(f"{c.phrase} {ARROW} {c.anchor}" for c in concepts)
+def format_concept_list(concepts: Sequence[Concept], kind: str = "object") -> str:
+    """The text form ``phrase -> anchor`` one per line, `` :: kind`` on the lines whose kind is not
+    ``kind`` (inverse of ``parse_concept_list(..., kind=kind)``)."""
+    return "\n".join(
+        f"{c.phrase} {ARROW} {c.anchor}" + ("" if c.kind == kind else f" {KIND_MARK} {c.kind}") for c in concepts
+    )
 
 
 # ---------------------------------------------------------------- presets
@@ -267,7 +294,7 @@ class Preset:
 
     def concept_text(self) -> str:
         """The concept list as editable text."""
-        return format_concept_list(self.concepts)
+        return format_concept_list(self.concepts, self.kind)
 
 
 def _preset_dir():

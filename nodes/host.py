@@ -119,3 +119,16 @@ def resolve_erasure_file(choice: str) -> str:
     if not path or not os.path.isfile(path):
         raise MaceError(f"erasure input {choice!r}: no such file; save an erasure first or refresh the node list")
     return path
+
+
+def resolve_lora_file(name: str) -> str:
+    """A file name of ComfyUI's loras folder (as its LoRA loader lists them) -> its absolute path."""
+    import folder_paths
+
+    from mace_ops.errors import MaceError
+
+    path = folder_paths.get_full_path("loras", name.strip())
+    if not path or not os.path.isfile(path):
+        raise MaceError(f"lora_files input: {name.strip()!r} is not in the loras folder; put the file there and "
+                        "write its name as the LoRA loader lists it")
+    return path

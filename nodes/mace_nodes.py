@@ -73,12 +73,14 @@ class MaceConceptList:
                 "concepts": ("STRING", {
                     "multiline": True, "default": "",
                     "tooltip": "One concept per line: 'Taylor Swift -> a woman'. A line without '->' uses the "
-                               "default anchor; '#' starts a comment. Leave empty to use the preset's list.",
+                               "default anchor; ':: style' or ':: object' at the end gives that line its own "
+                               "kind ('Van Gogh -> art :: style'); '#' starts a comment. Leave empty to use "
+                               "the preset's list.",
                 }),
                 "kind": (["object", "style"], {
                     "default": "object",
                     "tooltip": "object: people, things, explicit content (trained with masks); style: artists' "
-                               "styles (no masks). A preset sets its own kind.",
+                               "styles (no masks). The kind of lines without ':: kind'; a preset sets its own.",
                 }),
                 "default_anchor": ("STRING", {
                     "default": "a person",
@@ -410,6 +412,80 @@ class MaceFuseLoRAs:
         return (erased.model, ErasureValue(erasure, erasure.diffs(original)))
 
 
+class MaceFuseExternalLoRAs:
+    DESCRIPTION = ("Fuse LoRAs trained elsewhere (kohya, diffusers or peft files on the cross-attention to_k/to_v), "
+                   "one per concept, with MACE's closed form instead of stacking them. A LoRA that also adapts "
+                   "other modules is refused with their list, unless allowed (then they are listed, not fused).")
+    CATEGORY = CATEGORY
+    FUNCTION = "fuse"
+    RETURN_TYPES = ("MODEL", ERASURE, "STRING")
+    RETURN_NAMES = ("erased_model", "erasure", "report")
+    OUTPUT_TOOLTIPS = ("The model with the fused to_k/to_v (a patched clone).",
+                       "The new to_k/to_v matrices and their provenance (for Save Erasure).",
+                       "Which file went to which concept, its key style, and every module that was ignored.")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The model the LoRAs were trained on."}),
+                "clip": ("CLIP", {"tooltip": "The checkpoint's CLIP (it encodes each concept's prompts)."}),
+                "concepts": (CONCEPTS, {"tooltip": "From MACE Concept List: one concept per LoRA, same order."}),
+                "preservation": (PRESERVATION, {"tooltip": "From MACE Preservation Set (same CLIP)."}),
+                "lora_files": ("STRING", {
+                    "multiline": True, "default": "",
+                    "tooltip": "One LoRA file of the loras folder per line, the i-th for the i-th concept "
+                               "(.safetensors with kohya, diffusers or peft keys).",
+                }),
+                "allow_other_modules": ("BOOLEAN", {
+                    "default": False,
+                    "tooltip": "Off: a LoRA with keys outside the cross-attention to_k/to_v is refused. On: only "
+                               "its to_k/to_v are fused and the other modules are listed in the report.",
+                }),
+                "preserve_weight": _float(FROM_PRESET, -1.0, 1e12, 0.001,
+                                          "Weight of the general preservation prompts in the fusion." + _PRESET_NOTE),
+                "retained_weight": _float(FROM_PRESET, -1.0, 1e12, 0.001,
+                                          "Weight of the retained names' prompts in the fusion." + _PRESET_NOTE),
+                "ridge": _float(FROM_PRESET, -1.0, 1e9, 0.001,
+                                "Ridge λ·||W - W0||² keeping the weights near the model's." + _PRESET_NOTE),
+            }
+        }
+
+    def fuse(self, model, clip, concepts, preservation, lora_files, allow_other_modules, preserve_weight,
+             retained_weight, ridge):
+        from mace_ops.external_lora import external_fusion_metadata, fuse_external_loras, read_external_lora
+        from mace_ops.hosts.comfy import ComfyHost
+        from mace_ops.pipeline import Erasure
+
+        from .host import Progress, resolve_lora_file
+
+        cv = _need(concepts, ConceptsValue, "concepts", "MACE Concept List")
+        host = ComfyHost(model, clip)
+        pv = _preserve(preservation, host)
+        paths = [resolve_lora_file(name) for name in _lines(lora_files)]
+        original, current = host.original_weights(), host.cross_attention_weights()
+        shapes = {k: tuple(w.shape) for k, w in current.items()}
+        loras = [read_external_lora(p, shapes, allow_other_modules=bool(allow_other_modules)) for p in paths]
+        s = cv.settings
+        wp, wr, lam = (_weight(preserve_weight, s.fusion_preserve), _weight(retained_weight, s.fusion_retained),
+                       _weight(ridge, s.ridge))
+        progress = Progress({"fuse": len(cv.concepts)})
+        fused = fuse_external_loras(host, cv.concepts, loras, pv.statistics.groups(wp, wr), lam, base=current,
+                                    original=original, relative_ridge=s.relative_ridge, progress=progress.pipeline)
+        erasure = Erasure(
+            weights={k: v.detach().float().cpu() for k, v in fused.items()},
+            base_fingerprint=host.model_fingerprint(),
+            concepts=list(cv.concepts),
+            metadata=external_fusion_metadata(loras, cv.concepts, preserve_weight=wp, retained_weight=wr, ridge=lam),
+        )
+        report = "\n".join(
+            f"{c.phrase} ({c.kind}): {lora.summary()['file']}, {lora.style} keys, {len(lora.used)} to_k/to_v"
+            + (f"; ignored {len(lora.ignored)}: {', '.join(lora.ignored)}" if lora.ignored else "")
+            for c, lora in zip(cv.concepts, loras, strict=True))
+        erased = host.with_weights(erasure.weights)
+        return (erased.model, ErasureValue(erasure, erasure.diffs(original)), report)
+
+
 class MaceApplyErasure:
     DESCRIPTION = "Apply a MACE erasure to the base model it was made for (refuses any other model)."
     CATEGORY = CATEGORY
@@ -609,6 +685,7 @@ NODE_CLASS_MAPPINGS = {
     "MaceRefineCrossAttention": MaceRefineCrossAttention,
     "MaceTrainConceptLoRA": MaceTrainConceptLoRA,
     "MaceFuseLoRAs": MaceFuseLoRAs,
+    "MaceFuseExternalLoRAs": MaceFuseExternalLoRAs,
     "MaceApplyErasure": MaceApplyErasure,
     "MaceSaveErasure": MaceSaveErasure,
     "MaceLoadErasure": MaceLoadErasure,
@@ -621,6 +698,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "MaceRefineCrossAttention": "Refine Cross-Attention",
     "MaceTrainConceptLoRA": "Train Concept LoRA",
     "MaceFuseLoRAs": "Fuse LoRAs",
+    "MaceFuseExternalLoRAs": "Fuse External LoRAs",
     "MaceApplyErasure": "Apply Erasure",
     "MaceSaveErasure": "Save Erasure",
     "MaceLoadErasure": "Load Erasure",

@@ -4,7 +4,8 @@ Routes (added to ComfyUI's ``PromptServer.instance.routes``, so also under ``/ap
 
     GET  /mace/presets            {"presets": [{"name", "kind", "concepts", "retained", "steps", "notes"}]}
     GET  /mace/preset/{name}      {"name", "kind", "text", "retained", "weights", "train", "notes"} | 404
-    GET  /mace/token_counts?text=...&default_anchor=...&kind=object   (POST: the same keys as a JSON body)
+    GET  /mace/token_counts?text=...&default_anchor=...&kind=object   (POST: the same keys as a JSON body;
+                                  kind: of the lines without ':: kind')
                                   {"max_length": 77, "template": str, "error": str | None,
                                    "lines": [{"line", "phrase", "anchor", "phrase_tokens", "anchor_tokens",
                                               "fits"}]}
@@ -57,17 +58,19 @@ def preset_payload(name: str) -> dict[str, Any]:
             "weights": dict(p.weights), "train": dict(p.train), "notes": p.notes}
 
 
-def _concept_lines(text: str, default_anchor: str) -> list[tuple[int, str, str]]:
-    """``(line, phrase, anchor)`` of each line that has both (the parser's splitting; other errors are
-    the concept-list validator's business, not this route's)."""
-    from mace_ops.concepts import split_concept_line
+def _concept_lines(text: str, default_anchor: str, kind: str) -> list[tuple[int, str, str, str]]:
+    """``(line, phrase, anchor, kind)`` of each line that has a phrase, an anchor and a known kind or none
+    (then ``kind``): the parser's splitting; other errors are the concept-list validator's business."""
+    from mace_ops.concepts import KINDS, split_concept_line
 
     out = []
     default_anchor = " ".join(default_anchor.split())
     for n, raw in enumerate(text.splitlines(), start=1):
         split = split_concept_line(raw, default_anchor)
-        if split is not None and split[2] <= 2 and split[0] and split[1]:
-            out.append((n, split[0], split[1]))
+        if split is None or split.arrows > 2 or split.kind_marks > 2 or not (split.phrase and split.anchor):
+            continue
+        if split.kind is None or split.kind in KINDS:
+            out.append((n, split.phrase, split.anchor, split.kind or kind))
     return out
 
 
@@ -77,8 +80,9 @@ def token_counts_payload(
     kind: str = "object",
     token_ids: Callable[[Sequence[str]], list[list[int]]] | None = None,
 ) -> dict[str, Any]:
-    """Tokens of each line's phrase and anchor (without start/end) and whether the kind's longest template
-    prompt fits in 77 positions for both: the rule of ``parse_concept_list(..., token_ids=...)``.
+    """Tokens of each line's phrase and anchor (without start/end) and whether the longest template of the
+    line's kind (``kind`` for lines without ``:: kind``) fits in 77 positions for both: the rule of
+    ``parse_concept_list(..., token_ids=...)``. ``template``: the longest template of ``kind``.
     ``token_ids``: prompts -> padded ids (default: the SD1.x tokenizer, ``mace_ops.tokens``)."""
     from mace_ops.concepts import longest_template, templates_for
     from mace_ops.errors import MaceError
@@ -87,22 +91,23 @@ def token_counts_payload(
     if len(text) > MAX_TEXT:
         raise MaceError(f"text: {len(text)} characters, more than {MAX_TEXT}; split the concept list")
     token_ids = token_ids or sd1_token_ids
-    rows = _concept_lines(text, default_anchor)
-    longest = longest_template(templates_for(kind), token_ids)
-    words = [w for _, phrase, anchor in rows for w in (phrase, anchor)]
-    if not words:
-        return {"max_length": MAX_LENGTH, "template": longest, "error": None, "lines": []}
-    alone = token_ids(words)
-    in_template = token_ids([longest.format(w) for w in words])
+    longest = {kind: longest_template(templates_for(kind), token_ids)}  # a bad kind is an error here
+    rows = _concept_lines(text, default_anchor, kind)
+    for k in {k for *_, k in rows} - set(longest):
+        longest[k] = longest_template(templates_for(k), token_ids)
+    if not rows:
+        return {"max_length": MAX_LENGTH, "template": longest[kind], "error": None, "lines": []}
+    alone = token_ids([w for _, phrase, anchor, _ in rows for w in (phrase, anchor)])
+    in_template = token_ids([longest[k].format(w) for _, phrase, anchor, k in rows for w in (phrase, anchor)])
     lines = []
-    for i, (n, phrase, anchor) in enumerate(rows):
+    for i, (n, phrase, anchor, line_kind) in enumerate(rows):
         lines.append({
-            "line": n, "phrase": phrase, "anchor": anchor,
+            "line": n, "phrase": phrase, "anchor": anchor, "kind": line_kind,
             "phrase_tokens": ids_token_count(alone[2 * i]),
             "anchor_tokens": ids_token_count(alone[2 * i + 1]),
             "fits": ids_fit(in_template[2 * i]) and ids_fit(in_template[2 * i + 1]),
         })
-    return {"max_length": MAX_LENGTH, "template": longest, "error": None, "lines": lines}
+    return {"max_length": MAX_LENGTH, "template": longest[kind], "error": None, "lines": lines}
 
 
 # ---------------------------------------------------------------- training progress events

@@ -33,8 +33,10 @@ echo "$TORCH_SPEC" > "$TMP/torch-constraint.txt"   # nothing may pull another to
 
 cd "$TMP"   # away from the sources: the installed package must be the one imported
 "$TMP/venv/bin/python" - "$TMP/venv" <<'PY'
-import importlib.util, sys
+import importlib.metadata, importlib.util, sys
 import mace_ops
+dist = importlib.metadata.distribution("mass-concept-erasure")  # the registry name; import names unchanged
+assert any(str(f) == "mace_ops/__init__.py" for f in dist.files), "mass-concept-erasure does not own mace_ops"
 assert mace_ops.__file__.startswith(sys.argv[1]), f"mace_ops imported from {mace_ops.__file__}, not the venv"
 assert importlib.util.find_spec("open_clip") is None, "open_clip must not be installed for this check"
 from mace_ops.clip_bpe import SHIPPED_BPE

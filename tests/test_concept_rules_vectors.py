@@ -23,6 +23,7 @@ def _parse(case: dict, text: str | None = None) -> list[Concept]:
     return parse_concept_list(
         case["text"] if text is None else text,
         default_anchor=case["default_anchor"],
+        kind=case.get("kind", "object"),
         max_concepts=case.get("max_concepts"),
     )
 
@@ -38,7 +39,8 @@ def _errors(message: str) -> tuple[list[tuple[int, str]], list[str]]:
 
 @pytest.mark.parametrize("case", VECTORS, ids=[c["name"] for c in VECTORS])
 def test_vector(case):
-    ok = [Concept(phrase, anchor, "object") for _, phrase, anchor in case["ok"]]
+    kind = case.get("kind", "object")
+    ok = [Concept(row[1], row[2], row[3] if len(row) > 3 else kind) for row in case["ok"]]
     if not case["errors"] and not case["list_errors"]:
         assert _parse(case) == ok
         return
@@ -61,7 +63,7 @@ def test_vector(case):
 
 def test_vectors_cover_every_rule():
     keywords = {k for c in VECTORS for _, k in c["errors"]} | {k for c in VECTORS for k in c["list_errors"]}
-    for rule in ("empty phrase", "empty anchor", "more than one", "equals its anchor", "repeats line",
+    for rule in ("more than one '::'", "unknown kind", "empty kind", "empty phrase", "empty anchor", "more than one", "equals its anchor", "repeats line",
                  "default anchor is empty", "empty"):
         assert any(rule in k for k in keywords), rule
 

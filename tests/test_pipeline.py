@@ -123,3 +123,30 @@ def test_fast_mode_is_the_cfr_closed_form_alone(tiny_host, corpus):
         torch.testing.assert_close(erasure.weights[k], w.float(), rtol=0, atol=0)
     assert not {"data", "train", "fuse"} & set(stages) and erasure.metadata["losses"] == {}
     assert erasure.metadata["settings"]["closed_form_only"] is True
+
+
+def test_mixed_kinds_in_one_list_each_concept_uses_its_own_kind(tiny_host):
+    """Objects and styles in one list (MACE issue #29 crashes on it): each concept keeps its kind through
+    the data (object: attention masks, style: none), CFR (its kind's templates) and one shared LoRA batch."""
+    from mace_ops.concepts import parse_concept_list
+    from mace_ops.data import generate_training_data
+    from mace_ops.pipeline import concept_pair_moments
+    from mace_ops.train import train_concept_loras
+
+    concepts = parse_concept_list("Taylor Swift -> a person\nVan Gogh -> art :: style", default_anchor="a person")
+    assert [c.kind for c in concepts] == ["object", "style"]
+    data = generate_training_data(tiny_host, concepts, n_images=1, steps=2, size=64)
+    assert data[0].masks is not None and data[1].masks is None
+
+    # CFR statistics of the mixed list = the sum of each concept's own (kind-specific) statistics
+    _, gram = concept_pair_moments(tiny_host, concepts)
+    parts = [concept_pair_moments(tiny_host, [c])[1] for c in concepts]
+    assert gram.count == sum(p.count for p in parts)
+    torch.testing.assert_close(gram.sum, parts[0].sum + parts[1].sum)
+    as_object = concept_pair_moments(tiny_host, [Concept("Van Gogh", "art", "object")])[1]
+    assert not torch.allclose(as_object.sum, parts[1].sum)
+
+    # both kinds in one training batch (concepts_per_batch=None: all concepts share each step)
+    bank, losses = train_concept_loras(tiny_host, data, TrainConfig(steps=2))
+    assert set(losses) == {"Taylor Swift", "Van Gogh"}
+    assert all(len(v) == 2 and all(torch.isfinite(torch.tensor(v))) for v in losses.values())

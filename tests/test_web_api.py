@@ -83,6 +83,19 @@ def test_fits_agrees_with_the_parsers_length_check(kind):
         assert ok is parsed, w
 
 
+def test_token_counts_use_each_lines_kind():
+    """A ':: kind' line is measured with its own kind's longest template, as the parser checks it."""
+    words = [" ".join(["cat"] * n) for n in (62, 63, 64, 65, 66, 67, 68)]
+    for marked, other in (("style", "object"), ("object", "style")):
+        text = "\n".join(f"{w} -> a dog :: {marked}" for w in words)
+        payload = web_api.token_counts_payload(text, default_anchor="a dog", kind=other)
+        assert {r["kind"] for r in payload["lines"]} == {marked}
+        alone = web_api.token_counts_payload("\n".join(words), default_anchor="a dog", kind=marked)
+        assert [r["fits"] for r in payload["lines"]] == [r["fits"] for r in alone["lines"]]
+    bad = web_api.token_counts_payload("cat :: painting\ndog", default_anchor="a pet")
+    assert [r["line"] for r in bad["lines"]] == [2]
+
+
 def test_token_counts_of_no_concepts_and_bad_input():
     assert web_api.token_counts_payload("# nothing\n", "a person")["lines"] == []
     with pytest.raises(MaceError, match="kind"):

@@ -1,4 +1,5 @@
-"""The bundled workflows (workflows/*.json) against the node declarations, without ComfyUI.
+"""The bundled workflows (example_workflows/*.json, built by workflows/build_workflows.py, with their .jpg
+thumbnails) against the builder and the node declarations, without ComfyUI.
 
 Node types must be ours (the pack's NODE_CLASS_MAPPINGS) or one of the ComfyUI core types named in
 CORE_TYPES; links must type-check; widget values must be in range and among the combo options. With
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))
 EXPECTED = ["mace_erase_artists_100", "mace_erase_celebrities_100", "mace_erase_explicit", "mace_erase_objects",
             "mace_quick_demo"]
 #: the ComfyUI core node types the workflows may use (besides the pack's own)
@@ -51,6 +52,26 @@ def test_every_task_is_bundled_and_up_to_date():
     for path in WORKFLOWS:
         assert bw.dumps(built[path.name]) == path.read_text(encoding="utf-8"), (
             f"{path.name} differs from the build: run python workflows/build_workflows.py")
+
+
+def test_one_source_of_truth_and_a_small_thumbnail_per_workflow():
+    """workflows/ keeps only the builder (ComfyUI would list its JSON files as templates too); each template
+    has a same-name JPEG thumbnail under 30 KB that is the drawing of its own graph."""
+    from PIL import Image
+
+    assert sorted(p.name for p in (ROOT / "workflows").glob("*.json")) == []
+    thumbs = bw._thumbnails()
+    assert sorted(p.stem for p in (ROOT / "example_workflows").iterdir()) == sorted(EXPECTED * 2)
+    for path in WORKFLOWS:
+        jpg = path.with_suffix(".jpg")
+        assert jpg.stat().st_size < 30_000, jpg.name
+        with Image.open(jpg) as img:
+            assert img.format == "JPEG" and img.size == thumbs.SIZE
+            assert thumbs.same_picture(img, thumbs.render(_load(path))), f"{jpg.name}: run the builder"
+    # the drawing depends on the graph: another workflow's thumbnail is not a match
+    a, b = WORKFLOWS[0], WORKFLOWS[-1]
+    with Image.open(a.with_suffix(".jpg")) as img:
+        assert not thumbs.same_picture(img, thumbs.render(_load(b)))
 
 
 def test_core_declarations_are_stated():
@@ -136,7 +157,7 @@ def test_concept_lists_parse_and_presets_apply(path):
     text, kind, anchor, preset = node["widgets_values"]
     concepts = parse_concept_list(text, default_anchor=anchor, kind=kind)
     if path.stem == "mace_quick_demo":
-        assert preset == "none" and len(concepts) == 3
+        assert preset == "none" and [c.kind for c in concepts] == ["object", "object", "style"]
     else:
         p = load_preset(preset)
         assert concepts == p.concepts and kind == p.kind

@@ -4,12 +4,16 @@
 //
 // Rules, per line (1-based line numbers as Python's str.splitlines() counts them):
 //   '#' starts a comment (whole line or trailing); blank lines are skipped; runs of whitespace collapse;
-//   'phrase -> anchor', or 'phrase' alone (the default anchor);
-//   errors: more than one '->', empty phrase, empty anchor after '->', no anchor with an empty default,
-//   phrase equal to its anchor, phrase repeating an earlier line (case- and space-insensitive).
+//   'phrase -> anchor :: kind'; without '-> anchor' the default anchor, without ':: kind' the default kind
+//   (kind: object or style, case-insensitive), so one list mixes kinds: 'Van Gogh -> art :: style';
+//   errors: more than one '::', empty or unknown kind, more than one '->', empty phrase, empty anchor
+//   after '->', no anchor with an empty default, phrase equal to its anchor, phrase repeating an earlier
+//   line (case- and space-insensitive).
 // Token lengths are checked by the server (route /mace/token_counts), not here.
 
 export const ARROW = "->";
+export const KIND_MARK = "::";
+export const KINDS = ["object", "style"];
 
 // Python's str.isspace() characters (JS's \s differs: it has U+FEFF and lacks U+001C-U+001F, U+0085).
 const WS = "\\t\\n\\u000b\\u000c\\r\\u001c-\\u001f \\u0085\\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000";
@@ -61,13 +65,16 @@ export function pyRepr(text) {
 /**
  * Check a concept list.
  * @param {string} text the widget text
- * @param {{defaultAnchor?: string, maxConcepts?: number|null}} [options]
+ * @param {{defaultAnchor?: string, kind?: string, maxConcepts?: number|null}} [options] kind: of lines
+ *   without ':: kind' (default "object")
  * @returns {{ok: boolean, results: Array<{line: number, ok: boolean, message: string, phrase?: string,
- *   anchor?: string, repeats?: number}>, concepts: Array<{line: number, phrase: string, anchor: string}>,
+ *   anchor?: string, kind?: string, repeats?: number}>,
+ *   concepts: Array<{line: number, phrase: string, anchor: string, kind: string}>,
  *   listErrors: string[]}} one result per non-blank, non-comment line; listErrors are about the whole list.
  */
 export function checkConceptList(text, options = {}) {
   const defaultAnchor = normalise(options.defaultAnchor ?? "");
+  const defaultKind = options.kind ?? "object";
   const maxConcepts = options.maxConcepts ?? null;
   const results = [];
   const concepts = [];
@@ -78,7 +85,14 @@ export function checkConceptList(text, options = {}) {
     if (!line) return;
     const where = `concept list line ${n} (${pyRepr(strip(raw))})`;
     const fail = (message, extra = {}) => results.push({ line: n, ok: false, message: `${where}: ${message}`, ...extra });
-    const parts = line.split(ARROW);
+    const [body, ...kinds] = line.split(KIND_MARK);
+    if (kinds.length > 1) return fail(`more than one '${KIND_MARK}'; write at most one ':: kind' at the end of the line`);
+    const kind = kinds.length ? foldCase(normalise(kinds[0])) : defaultKind;
+    if (!KINDS.includes(kind)) {
+      const what = kind ? `unknown kind ${pyRepr(kind)}` : "empty kind";
+      return fail(`${what} after '${KIND_MARK}'; use one of ${KINDS.join(", ")} or drop the ':: kind'`);
+    }
+    const parts = body.split(ARROW);
     if (parts.length > 2) return fail(`more than one '${ARROW}'; write one 'phrase -> anchor' per line`);
     const phrase = normalise(parts[0]);
     const anchor = parts.length === 2 ? normalise(parts[1]) : defaultAnchor;
@@ -98,8 +112,8 @@ export function checkConceptList(text, options = {}) {
       return fail(`phrase ${pyRepr(phrase)} repeats line ${first}; remove one of them`, { phrase, anchor, repeats: first });
     }
     seen.set(key, n);
-    concepts.push({ line: n, phrase, anchor });
-    results.push({ line: n, ok: true, message: "", phrase, anchor });
+    concepts.push({ line: n, phrase, anchor, kind });
+    results.push({ line: n, ok: true, message: "", phrase, anchor, kind });
   });
   const listErrors = [];
   if (!results.length) listErrors.push("concept list is empty; write one 'phrase -> anchor' per line");

@@ -72,7 +72,7 @@ function setupConceptList(node) {
 
   const render = () => {
     const items = conceptListStatus(text.value ?? "", {
-      defaultAnchor: anchor?.value ?? "", preset: preset?.value ?? "none", tokens,
+      defaultAnchor: anchor?.value ?? "", kind: kind?.value ?? "object", preset: preset?.value ?? "none", tokens,
     });
     panel.show(items);
     const bad = items.some((i) => i.level === "error");

@@ -13,11 +13,12 @@ export function formatLoss(loss) {
 /**
  * The status lines of a Concept List node.
  * @param {string} text the concepts widget
- * @param {{defaultAnchor: string, preset: string, tokens?: {lines: Array, max_length: number, error?: string}|null}} state
+ * @param {{defaultAnchor: string, kind?: string, preset: string,
+ *   tokens?: {lines: Array, max_length: number, error?: string}|null}} state (kind: of the lines without a kind mark)
  * @returns {Array<{level: "error"|"warn"|"info", text: string}>}
  */
-export function conceptListStatus(text, { defaultAnchor, preset, tokens = null }) {
-  const check = checkConceptList(text, { defaultAnchor });
+export function conceptListStatus(text, { defaultAnchor, kind = "object", preset, tokens = null }) {
+  const check = checkConceptList(text, { defaultAnchor, kind });
   const out = [];
   const usesPreset = preset && preset !== "none";
   if (!check.results.length) {
@@ -37,13 +38,16 @@ export function conceptListStatus(text, { defaultAnchor, preset, tokens = null }
   }
   const n = check.concepts.length;
   let summary = `${n} concept${n === 1 ? "" : "s"}`;
+  const styles = check.concepts.filter((c) => c.kind === "style").length;
+  if (styles && styles < n) summary += ` (${n - styles} object${n - styles === 1 ? "" : "s"}, ${styles} style${styles === 1 ? "" : "s"})`;
   if (check.results.some((r) => !r.ok)) summary += `, ${check.results.filter((r) => !r.ok).length} with errors`;
   out.push({ level: out.length ? "warn" : "info", text: summary });
   if (tokens?.error) out.push({ level: "warn", text: `token counts unavailable: ${tokens.error}` });
   for (const c of check.concepts.slice(0, 12)) {
     const t = counts.get(c.line);
     if (t && t.phrase === c.phrase && t.anchor === c.anchor) {
-      out.push({ level: "info", text: `${c.phrase} (${t.phrase_tokens} tok) -> ${c.anchor} (${t.anchor_tokens} tok)` });
+      const mark = c.kind === kind ? "" : ` :: ${c.kind}`;
+      out.push({ level: "info", text: `${c.phrase} (${t.phrase_tokens} tok) -> ${c.anchor} (${t.anchor_tokens} tok)${mark}` });
     }
   }
   if (n > 12 && counts.size) out.push({ level: "info", text: `... ${n - 12} more` });

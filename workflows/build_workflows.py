@@ -1,7 +1,14 @@
 """Build the bundled ComfyUI workflows (UI format) from the pack's node declarations.
 
-    python workflows/build_workflows.py          # rewrites workflows/*.json
+    python workflows/build_workflows.py          # rewrites example_workflows/*.json and their .jpg thumbnails
     python workflows/build_workflows.py --check  # exit 1 when a committed file differs from the build
+
+This file is the one source of the workflows; ``example_workflows/`` holds what it builds, because that
+is the folder ComfyUI's template browser reads (``app/custom_node_manager.py``: ``/workflow_templates``
+lists ``custom_nodes/*/example_workflows/*.json`` and serves the folder at
+``/api/workflow_templates/<pack>/``, where the browser finds ``<name>.jpg`` beside ``<name>.json``).
+``workflows/`` keeps no JSON: ComfyUI 0.33 lists ``workflows/*.json`` too, and every template would
+appear twice. The thumbnails are drawn from each graph (``workflows/thumbnails.py``).
 
 Every graph is the same chain, left to right:
 CheckpointLoaderSimple -> MACE Concept List + MACE Preservation Set -> Refine Cross-Attention -> Train
@@ -24,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = Path(__file__).resolve().parent
+OUT = ROOT / "example_workflows"
 
 # The ComfyUI core nodes the graphs use, declared as ComfyUI 0.33.0 does (nodes.py, comfy_extras/
 # nodes_model_merging.py); "Note" is a front-end-only node (one text widget, never executed).
@@ -59,6 +66,14 @@ GPU_UNET_PER_S = 10.0   # assumed UNet forwards per second on a GPU (a LoRA step
 
 
 # ---------------------------------------------------------------- declarations
+
+
+def _thumbnails() -> Any:
+    """``workflows/thumbnails.py`` (this folder is no package)."""
+    spec = importlib.util.spec_from_file_location("mace_workflow_thumbnails", Path(__file__).with_name("thumbnails.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def load_pack() -> Any:
@@ -256,10 +271,10 @@ def tasks() -> list[Task]:
         Task(
             name="mace_quick_demo",
             title="MACE quick demo: erase a person, an object and a style",
-            summary=("Erases three concepts with few, small steps: a first look at MACE. The list has one kind "
-                     "for all lines ('object'), so the style line uses the object templates and masks; for "
-                     "styles proper use kind 'style' (see mace_erase_artists_100)."),
-            concepts={"concepts": "Taylor Swift -> a woman\nship -> sea\nVan Gogh -> art",
+            summary=("Erases three concepts with few, small steps: a first look at MACE. One list mixes kinds: "
+                     "the person and the object are objects (the node's kind, trained with masks), the line "
+                     "'Van Gogh -> art :: style' is erased as a style (style templates, no masks)."),
+            concepts={"concepts": "Taylor Swift -> a woman\nship -> sea\nVan Gogh -> art :: style",
                       "kind": "object", "default_anchor": "a person", "preset": "none"},
             train={"steps": 20, "images_per_concept": 2, "sample_steps": 20},
             preview={"preserved_prompts": "a photo of a dog\na portrait of a man\na boat on a lake",
@@ -424,16 +439,21 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="compare with the committed files; write nothing")
     args = ap.parse_args(argv)
+    thumbs = _thumbnails()
     stale = []
+    OUT.mkdir(exist_ok=True)
     for name, wf in build_all().items():
-        path = OUT / name
+        path, jpg = OUT / name, (OUT / name).with_suffix(".jpg")
         text = dumps(wf)
         if args.check:
             if not path.is_file() or path.read_text(encoding="utf-8") != text:
                 stale.append(name)
+            if not jpg.is_file() or not thumbs.same_picture(thumbs.Image.open(jpg), thumbs.render(wf)):
+                stale.append(jpg.name)
         else:
             path.write_text(text, encoding="utf-8")
-            print(f"wrote {path.relative_to(ROOT)}")
+            jpg.write_bytes(thumbs.thumbnail_bytes(wf))
+            print(f"wrote {path.relative_to(ROOT)} and {jpg.name} ({jpg.stat().st_size} bytes)")
     if stale:
         print("out of date (run python workflows/build_workflows.py): " + ", ".join(stale))
         return 1

@@ -7,12 +7,15 @@ UNet module loaded with the patches by ComfyUI's model management, its state dic
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from mace_ops.hosts.base import Host, matrix_names
 from mace_ops.hosts.diffusers import weights_fingerprint
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -236,3 +239,16 @@ def test_vae_and_schedule(host):
     assert lat.shape == (2, 4, 8, 8) and not lat.is_inference()
     assert back.shape == images.shape and back.min() >= -1 and back.max() <= 1
     torch.testing.assert_close(host.alphas_cumprod(), sd1_alphas_cumprod(), rtol=1e-5, atol=1e-7)
+
+
+def test_comfyui_reads_the_registry_metadata(comfy_lib):
+    """ComfyUI's own pyproject reader (comfy_config, used by the registry tooling) on this pack."""
+    from comfy_config.config_parser import extract_node_configuration
+
+    config = extract_node_configuration(str(ROOT))
+    assert config.project.name == "mass-concept-erasure"
+    assert config.project.supported_os == ["OS Independent"]
+    assert config.project.supported_accelerators == ["GPU :: NVIDIA CUDA"]
+    assert config.project.supported_comfyui_version.startswith(">=")
+    assert config.project.license.file == "LICENSE" and config.project.urls.repository.startswith("https://")
+    assert config.tool_comfy.publisher_id and config.tool_comfy.icon.endswith("docs/icon.png")

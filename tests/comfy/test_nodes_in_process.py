@@ -31,6 +31,12 @@ def nodes(comfy_lib, tmp_path_factory):
     return {k: cls() for k, cls in sys.modules["mace_pack"].NODE_CLASS_MAPPINGS.items()}
 
 
+def _apply(model, erasure, strength):
+    """Apply Erasure as ComfyUI runs it: the V3 pilot (comfy_api.latest is importable here) -> (MODEL,)."""
+    cls = sys.modules["mace_pack"].NODE_CLASS_MAPPINGS["MaceApplyErasure"]
+    return tuple(cls.execute(model, erasure, strength).args)
+
+
 def _state(patcher):
     return {k: v.detach().clone() for k, v in patcher.model.state_dict().items()}
 
@@ -73,8 +79,8 @@ def test_save_load_apply_round_trip(nodes, run):
         choice = "output/" + rel.replace("\\", "/")
         assert choice in nodes["MaceLoadErasure"].INPUT_TYPES()["required"]["erasure_file"][0]
         (loaded,) = nodes["MaceLoadErasure"].load(choice)
-        (applied,) = nodes["MaceApplyErasure"].apply(run["model"], loaded, 1.0)
-        (half,) = nodes["MaceApplyErasure"].apply(run["model"], loaded, 0.5)
+        (applied,) = _apply(run["model"], loaded, 1.0)
+        (half,) = _apply(run["model"], loaded, 0.5)
     w_erased = ComfyHost(run["erased"]).cross_attention_weights()
     w_applied = ComfyHost(applied).cross_attention_weights()
     w_half = ComfyHost(half).cross_attention_weights()
@@ -93,7 +99,7 @@ def test_apply_refuses_another_base_model(nodes, run, other_tiny_model):
     with torch.inference_mode():
         mine = ComfyHost(other).model_fingerprint()
         with pytest.raises(MaceError) as err:
-            nodes["MaceApplyErasure"].apply(other, run["erasure"], 1.0)
+            _apply(other, run["erasure"], 1.0)
     msg = str(err.value)
     assert msg.startswith("model input") and mine in msg and run["erasure"].erasure.base_fingerprint in msg
 
@@ -115,7 +121,7 @@ def test_apply_to_an_erased_model_does_not_erase_twice(nodes, run):
     from mace_ops.hosts.comfy import ComfyHost
 
     with torch.inference_mode():
-        (again,) = nodes["MaceApplyErasure"].apply(run["erased"], run["erasure"], 1.0)
+        (again,) = _apply(run["erased"], run["erasure"], 1.0)
     w_erased = ComfyHost(run["erased"]).cross_attention_weights()
     for n, w in ComfyHost(again).cross_attention_weights().items():
         torch.testing.assert_close(w, w_erased[n], rtol=0, atol=1e-6)
@@ -165,8 +171,8 @@ def test_two_graphs_on_the_same_model_never_leak(nodes, run):
 
     model = run["model"]
     with torch.inference_mode():
-        (a,) = nodes["MaceApplyErasure"].apply(model, run["erasure"], 1.0)
-        (b,) = nodes["MaceApplyErasure"].apply(model, run["erasure"], 0.5)
+        (a,) = _apply(model, run["erasure"], 1.0)
+        (b,) = _apply(model, run["erasure"], 0.5)
     w0 = ComfyHost(model).cross_attention_weights()
     expected = {"a": ComfyHost(a).cross_attention_weights(), "b": ComfyHost(b).cross_attention_weights(), "model": w0}
     patchers = {"a": a, "b": b, "model": model}
@@ -183,3 +189,86 @@ def test_two_graphs_on_the_same_model_never_leak(nodes, run):
             assert torch.equal(w, w0[n])
     after = _state(model)
     assert all(torch.equal(run["before"][k], after[k]) for k in after)
+
+
+def test_fuse_external_loras_node_fuses_files_from_the_loras_folder(nodes, tiny_parts, tmp_path):
+    """Two LoRA files (kohya keys with LDM names; diffusers keys) in a loras folder, fused by the node as
+    the core computes it; a file with a self-attention key is refused by name, or listed when allowed."""
+    import folder_paths
+    from safetensors.torch import save_file
+
+    from mace_ops.errors import MaceError
+    from mace_ops.external_lora import (
+        diffusers_block_name,
+        fuse_external_loras,
+        layers_per_block,
+        read_external_lora,
+    )
+    from mace_ops.hosts.comfy import ComfyHost
+
+    model, clip, _ = tiny_parts
+    host = ComfyHost(model, clip)
+    shapes = {k: tuple(w.shape) for k, w in host.cross_attention_weights().items()}
+    per = layers_per_block([n.rsplit(".", 1)[0] for n in shapes])  # this tiny layout: 1 res block per level
+    g = torch.Generator().manual_seed(0)
+    kohya, diffusers = {}, {}
+    for name, (o, d) in shapes.items():
+        block, proj = name.rsplit(".", 1)
+        base = "lora_unet_" + name.replace(".", "_")
+        kohya[f"{base}.lora_down.weight"], kohya[f"{base}.lora_up.weight"] = torch.randn(2, d, generator=g), torch.randn(o, 2, generator=g)
+        kohya[f"{base}.alpha"] = torch.tensor(1.0)
+        dn = f"unet.{diffusers_block_name(block, per)}.{proj}"
+        diffusers[f"{dn}.lora_A.weight"], diffusers[f"{dn}.lora_B.weight"] = torch.randn(1, d, generator=g), torch.randn(o, 1, generator=g)
+    attn1 = "lora_unet_" + next(iter(shapes)).replace("attn2", "attn1").replace(".", "_")
+    with_other = dict(kohya, **{f"{attn1}.lora_down.weight": torch.zeros(1, 4), f"{attn1}.lora_up.weight": torch.zeros(4, 1)})
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    for fname, tensors in (("a.safetensors", kohya), ("b.safetensors", diffusers), ("c.safetensors", with_other)):
+        save_file(tensors, str(folder / fname))
+    folder_paths.add_model_folder_path("loras", str(folder))
+
+    with torch.inference_mode():
+        (concepts,) = nodes["MaceConceptList"].build("cat -> a dog\nMonet -> art :: style", "object", "a thing", "none")
+        (pres,) = nodes["MacePreservationSet"].build(clip, "none", "a photo of a house\na red car", "", "object")
+        erased, erasure, report = nodes["MaceFuseExternalLoRAs"].fuse(
+            model, clip, concepts, pres, "a.safetensors\nb.safetensors", False, 2.0, 0.0, 0.1)
+        loras = [read_external_lora(folder / f, shapes) for f in ("a.safetensors", "b.safetensors")]
+        want = fuse_external_loras(host, concepts.concepts, loras, pres.statistics.groups(2.0, 0.0), 0.1)
+        for k, w in want.items():
+            torch.testing.assert_close(erasure.erasure.weights[k], w)
+        assert f"cat (object): a.safetensors, kohya keys, {len(shapes)} to_k/to_v" in report
+        assert "Monet (style): b.safetensors, diffusers keys" in report
+        assert ComfyHost(erased).cross_attention_weights().keys() == want.keys()
+        with pytest.raises(MaceError, match="attn1"):
+            nodes["MaceFuseExternalLoRAs"].fuse(model, clip, concepts, pres, "c.safetensors\nb.safetensors",
+                                               False, 2.0, 0.0, 0.1)
+        *_, report = nodes["MaceFuseExternalLoRAs"].fuse(model, clip, concepts, pres, "c.safetensors\nb.safetensors",
+                                                         True, 2.0, 0.0, 0.1)
+        assert "ignored 1: " + attn1[len("lora_unet_"):] in report
+        with pytest.raises(MaceError, match="not in the loras folder"):
+            nodes["MaceFuseExternalLoRAs"].fuse(model, clip, concepts, pres, "missing.safetensors\nb.safetensors",
+                                               False, 2.0, 0.0, 0.1)
+
+
+def test_apply_erasure_runs_on_the_v3_schema_as_the_classic_node_did(nodes, run):
+    """The V3 pilot: ComfyUI sees a comfy_api.latest node under the same id, with the classic node's inputs,
+    output and display name, and it patches the model exactly as the classic class does."""
+    from comfy_api.latest import io
+
+    MaceApplyErasure = sys.modules["mace_pack.nodes.mace_nodes"].MaceApplyErasure  # the classic class
+
+    cls = sys.modules["mace_pack"].NODE_CLASS_MAPPINGS["MaceApplyErasure"]
+    assert issubclass(cls, io.ComfyNode)
+    info = cls.GET_NODE_INFO_V1()
+    classic = MaceApplyErasure.INPUT_TYPES()["required"]
+    assert list(info["input"]["required"]) == list(classic)
+    assert [v[0] for v in info["input"]["required"].values()] == ["MODEL", "MACE_ERASURE", "FLOAT"]
+    assert info["input"]["required"]["strength"][1]["max"] == classic["strength"][1]["max"]
+    assert info["output"] == ["MODEL"] and info["display_name"] == "Apply Erasure" and info["category"] == "MACE"
+    with torch.inference_mode():
+        (v3,) = _apply(run["model"], run["erasure"], 0.5)
+        (v1,) = MaceApplyErasure().apply(run["model"], run["erasure"], 0.5)
+    from mace_ops.hosts.comfy import ComfyHost
+
+    a, b = ComfyHost(v3).cross_attention_weights(), ComfyHost(v1).cross_attention_weights()
+    assert all(torch.equal(a[k], b[k]) for k in a)

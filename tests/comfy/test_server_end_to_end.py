@@ -244,7 +244,22 @@ def test_nodes_are_registered(server):
     mace = {k: v for k, v in info.items() if v.get("category") == "MACE"}
     assert {v["display_name"] for v in mace.values()} == {
         "MACE Concept List", "MACE Preservation Set", "Refine Cross-Attention", "Train Concept LoRA", "Fuse LoRAs",
-        "Apply Erasure", "Save Erasure", "Load Erasure", "MACE Erasure Preview"}
+        "Fuse External LoRAs", "Apply Erasure", "Save Erasure", "Load Erasure", "MACE Erasure Preview"}
+
+
+def test_template_browser_lists_each_example_workflow_once_with_its_thumbnail(server):
+    """ComfyUI's template routes (app/custom_node_manager.py): /workflow_templates names the pack's
+    example_workflows/*.json once each (workflows/ holds no JSON, which would list them twice), and
+    /api/workflow_templates/<pack>/ serves each JSON and its same-name .jpg thumbnail."""
+    names = sorted(p.stem for p in (REPO / "example_workflows").glob("*.json"))
+    listed = server.get("/workflow_templates")
+    assert sorted(listed["mace"]) == names
+    for name in names:
+        assert server.get(f"/api/workflow_templates/mace/{name}.json") == json.loads(
+            (REPO / "example_workflows" / f"{name}.json").read_text(encoding="utf-8"))
+        with urllib.request.urlopen(f"{server.url}/api/workflow_templates/mace/{name}.jpg", timeout=30) as r:
+            assert r.headers["Content-Type"] == "image/jpeg"
+            assert r.read() == (REPO / "example_workflows" / f"{name}.jpg").read_bytes()
 
 
 def test_every_node_runs_and_the_files_carry_the_erasure(server, mace_run):

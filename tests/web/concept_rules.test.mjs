@@ -17,10 +17,11 @@ const vectors = JSON.parse(readFileSync(new URL("../data/concept_list_vectors.js
 
 for (const c of vectors) {
   test(`vector: ${c.name}`, () => {
-    const check = checkConceptList(c.text, { defaultAnchor: c.default_anchor, maxConcepts: c.max_concepts ?? null });
+    const kind = c.kind ?? "object";
+    const check = checkConceptList(c.text, { defaultAnchor: c.default_anchor, kind, maxConcepts: c.max_concepts ?? null });
     assert.deepEqual(
-      check.concepts.map((x) => [x.line, x.phrase, x.anchor]),
-      c.ok,
+      check.concepts.map((x) => [x.line, x.phrase, x.anchor, x.kind]),
+      c.ok.map(([line, phrase, anchor, k]) => [line, phrase, anchor, k ?? kind]),
     );
     const bad = check.results.filter((r) => !r.ok);
     assert.deepEqual(

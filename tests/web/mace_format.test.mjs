@@ -94,3 +94,21 @@ test("sameNode compares ids as strings and never matches a missing id", () => {
   assert.equal(sameNode(null, 5), false);
   assert.equal(sameNode(undefined, "5"), false);
 });
+
+test("conceptListStatus: a mixed list counts its kinds and marks lines of the other kind", () => {
+  const tokens = {
+    max_length: 77,
+    lines: [
+      { line: 1, phrase: "Van Gogh", anchor: "art", phrase_tokens: 2, anchor_tokens: 1, fits: true },
+      { line: 2, phrase: "ship", anchor: "sea", phrase_tokens: 1, anchor_tokens: 1, fits: true },
+    ],
+  };
+  const items = conceptListStatus("Van Gogh -> art :: style\nship -> sea", { defaultAnchor: "x", kind: "object", preset: "none", tokens });
+  assert.deepEqual(items.map((i) => i.text), [
+    "2 concepts (1 object, 1 style)",
+    "Van Gogh (2 tok) -> art (1 tok) :: style",
+    "ship (1 tok) -> sea (1 tok)",
+  ]);
+  const bad = conceptListStatus("Monet :: painting", { defaultAnchor: "art", preset: "none" });
+  assert.match(bad[0].text, /unknown kind 'painting'/);
+});

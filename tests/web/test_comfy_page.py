@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-WORKFLOWS = sorted(p.stem for p in (ROOT / "workflows").glob("*.json"))
+WORKFLOWS = sorted(p.stem for p in (ROOT / "example_workflows").glob("*.json"))
 
 
 def _reason() -> str | None:
