@@ -96,27 +96,28 @@ def relearn(
     (N); returns the tuned weights ``{name: W_e + ΔW}`` (the host is never changed). AdamW, seeded."""
     if len(images) != len(prompts) or len(images) == 0:
         raise MaceError(f"relearning: {len(images)} images and {len(prompts)} prompts; give one prompt per image")
-    base = host.cross_attention_weights()  # {name: (d_out, d_ctx)}
-    deltas = {n: torch.zeros_like(w, dtype=torch.float32, requires_grad=True) for n, w in base.items()}
-    linears = {n: _tuned_linear(base[n], d) for n, d in deltas.items()}
-    latents = host.vae_encode(images)  # (N, 4, h, w)
-    context = host.encode(list(prompts))  # (N, L, d_ctx)
-    alphas = host.alphas_cumprod().to(torch.float32)
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(list(deltas.values()), lr=lr)
-    with host.instrument(linears=linears) as unet, torch.enable_grad():
-        for step in range(steps):
-            pick = torch.randint(len(latents), (min(batch, len(latents)),), generator=gen)
-            z = latents[pick]
-            t = torch.randint(len(alphas), (len(pick),), generator=gen)
-            noise = torch.randn(z.shape, generator=gen)
-            a = alphas[t].view(-1, 1, 1, 1)
-            loss = F.mse_loss(unet(a.sqrt() * z + (1 - a).sqrt() * noise, t, context[pick]).float(), noise)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if progress is not None:
-                progress(step + 1, steps, float(loss.detach()))
+    with torch.inference_mode(False), torch.enable_grad():  # a ComfyUI node runs under inference mode
+        base = {n: w.detach().clone() for n, w in host.cross_attention_weights().items()}  # {name: (d_out, d_ctx)}
+        deltas = {n: torch.zeros_like(w, dtype=torch.float32, requires_grad=True) for n, w in base.items()}
+        linears = {n: _tuned_linear(base[n], d) for n, d in deltas.items()}
+        latents = host.vae_encode(images).detach().clone()  # (N, 4, h, w)
+        context = host.encode(list(prompts)).detach().clone()  # (N, L, d_ctx)
+        alphas = host.alphas_cumprod().detach().clone().to(torch.float32)
+        gen = torch.Generator().manual_seed(seed)
+        opt = torch.optim.AdamW(list(deltas.values()), lr=lr)
+        with host.instrument(linears=linears) as unet:
+            for step in range(steps):
+                pick = torch.randint(len(latents), (min(batch, len(latents)),), generator=gen)
+                z = latents[pick]
+                t = torch.randint(len(alphas), (len(pick),), generator=gen)
+                noise = torch.randn(z.shape, generator=gen)
+                a = alphas[t].view(-1, 1, 1, 1)
+                loss = F.mse_loss(unet(a.sqrt() * z + (1 - a).sqrt() * noise, t, context[pick]).float(), noise)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if progress is not None:
+                    progress(step + 1, steps, float(loss.detach()))
     return {n: (base[n].float() + d.detach()).to(base[n].dtype) for n, d in deltas.items()}
 
 

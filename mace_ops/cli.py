@@ -3,6 +3,7 @@
     mace-erase run  --checkpoint MODEL --concepts FILE | --preset NAME --out DIR [options]
     mace-erase demo [--out DIR] [--model world|tiny]
     mace-erase eval --suite objects|celebrities|explicit|artists --checkpoint MODEL --out DIR [options]
+    mace-erase probe --erasure FILE [--checkpoint ORIGINAL] --out DIR [options]   (mace_ops.probe_cli)
 
 ``run`` writes into ``DIR`` (which must not exist): the sanitized single-file checkpoint
 ``<name>_mace.safetensors``, the erasure file ``erasure.safetensors`` (a LoRA-style file of weight
@@ -558,6 +559,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default=None)
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)
+
+    from .probe_cli import add_probe_parser
+
+    add_probe_parser(sub)
     return p
 
 

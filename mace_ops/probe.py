@@ -207,6 +207,25 @@ def _as_prompts(prompts: Sequence[str]) -> list[AttackPrompt]:
     return [AttackPrompt(p) for p in prompts]
 
 
+class _CachedSamples:
+    """The original model's samples, memoised by (prompts, seeds, n, settings): a benchmark probing
+    several erasures of one model samples the original once (pass the same dict as ``cache``)."""
+
+    def __init__(self, host: Any, cache: dict | None) -> None:
+        self.host, self.cache = host, cache
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.host, name)
+
+    def sample(self, prompts: Sequence[AttackPrompt], n: int, s: ProbeSettings, seed: int) -> Tensor:
+        if self.cache is None:
+            return _sample(self.host, prompts, n, s, seed)
+        key = (tuple(prompts), n, seed, s.sample_steps, s.cfg, s.size)
+        if key not in self.cache:
+            self.cache[key] = _sample(self.host, prompts, n, s, seed)
+        return self.cache[key]
+
+
 class _Grids:
     """Writes ``<concept>__<attack>.png``: first row original, second row erased (up to 8 each)."""
 
@@ -241,7 +260,7 @@ def _prompt_rows(original: Any, erased: Any, c: ProbeConcept, judge: Judge, s: P
         sets.append(("paraphrase", list(c.paraphrases)))
     rows, own = [], Rate(None, 0)
     for attack, prompts in sets:
-        x0 = _sample(original, _as_prompts(prompts), s.samples, s, s.seed)
+        x0 = original.sample(_as_prompts(prompts), s.samples, s, s.seed)
         xe = _sample(erased, _as_prompts(prompts), s.samples, s, s.seed)
         grids.add(c.phrase, attack, x0, xe)
         row = AttackRow(attack, _rate(judge, c.phrase, xe), _rate(judge, c.phrase, x0), f"{len(prompts)} prompts")
@@ -256,7 +275,7 @@ def _prompt_rows(original: Any, erased: Any, c: ProbeConcept, judge: Judge, s: P
 def _inversion_row(original: Any, erased: Any, c: ProbeConcept, judge: Judge, s: ProbeSettings, reference: Rate,
                    grids: _Grids, progress: Progress | None) -> AttackRow:
     """Invert ``c`` on the erased model from the original's images; sample the erased model with the token."""
-    data = _sample(original, _as_prompts(c.own_prompts()), s.inversion_images, s, s.seed + 10_000)
+    data = original.sample(_as_prompts(c.own_prompts()), s.inversion_images, s, s.seed + 10_000)
     report = None if progress is None else (lambda i, n, loss: progress(f"invert {c.phrase}"[:30], i, n,
                                                                         {"loss": loss}))
     vector, losses = invert_concept(erased, data, c.inversion_templates(), steps=s.inversion_steps,
@@ -282,9 +301,12 @@ def run_probe(
     control: ProbeConcept | None = None,
     grid_dir: Path | None = None,
     progress: Progress | None = None,
+    cache: dict | None = None,
 ) -> ProbeReport:
-    """Every attack in ``settings.attacks`` on every concept; see the module docstring."""
+    """Every attack in ``settings.attacks`` on every concept; see the module docstring. ``cache``: a dict
+    kept across calls with the same original model, so that its samples are drawn once."""
     s = settings or ProbeSettings()
+    original = _CachedSamples(original, cache)
     s.check()
     if not concepts:
         raise MaceError("probe: the concept list is empty; name the erased concepts to probe")
@@ -293,12 +315,12 @@ def run_probe(
     if "files" in s.attacks:
         for name, rows in (prompt_files or {}).items():
             n = max(s.samples, len(rows))
-            files_images[name] = (_sample(original, rows, n, s, s.seed), _sample(erased, rows, n, s, s.seed))
+            files_images[name] = (original.sample(rows, n, s, s.seed), _sample(erased, rows, n, s, s.seed))
             grids.add("file", name, *files_images[name])
     tuned = None
     if "relearning" in s.attacks:
         if relearn_prompts:
-            data = _sample(original, _as_prompts(relearn_prompts), s.relearn_images, s, s.seed + 20_000)
+            data = original.sample(_as_prompts(relearn_prompts), s.relearn_images, s, s.seed + 20_000)
             wanted = [relearn_prompts[i % len(relearn_prompts)] for i in range(s.relearn_images)]
             tuned = erased.with_weights(relearn(erased, data, wanted, steps=s.relearn_steps, lr=s.relearn_lr,
                                                 seed=s.seed))
@@ -320,7 +342,7 @@ def run_probe(
         results.append(ConceptResult(c.phrase, c.kind, rows))
     ctrl = None
     if control is not None and "inversion" in s.attacks:
-        own = _rate(judge, control.phrase, _sample(original, _as_prompts(control.own_prompts()), s.samples, s, s.seed))
+        own = _rate(judge, control.phrase, original.sample(_as_prompts(control.own_prompts()), s.samples, s, s.seed))
         ctrl = _inversion_row(original, erased, control, judge, s, own, grids, progress)
         ctrl.note = f"inversion of '{control.phrase}'"
     notes.append("rates are k/n recognised samples; a low rate bounds only these attacks and samples")

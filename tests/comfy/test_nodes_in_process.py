@@ -183,3 +183,21 @@ def test_two_graphs_on_the_same_model_never_leak(nodes, run):
             assert torch.equal(w, w0[n])
     after = _state(model)
     assert all(torch.equal(run["before"][k], after[k]) for k in after)
+
+
+def test_robustness_probe_node_reports_every_attack_and_leaves_models_untouched(nodes, run, tmp_path):
+    """Own prompts, paraphrases, a prompt file and relearning (gradients under inference mode), grids out."""
+    prompt_file = tmp_path / "attack.csv"
+    prompt_file.write_text("prompt,evaluation_seed\na cat on a sofa,3\n", encoding="utf-8")
+    before = _state(run["model"])
+    with torch.inference_mode():
+        out = nodes["MaceRobustnessProbe"].probe(
+            run["model"], run["erased"], run["clip"], run["vae"], run["erasure"], "cat: a small feline", "none",
+            str(prompt_file), 5, "a photo of a house", 2, 2, 0, 2, 7.5, 64)
+    grids, text = out["result"]
+    assert grids.ndim == 4 and grids.shape[-1] == 3 and grids.shape[0] >= 4
+    for attack in ("| own |", "| paraphrase |", "| file:attack |", "| relearning |"):
+        assert attack in text
+    assert "not judged (n=2)" in text and "safe" not in text.lower()
+    after = _state(run["model"])
+    assert all(torch.equal(before[k], after[k]) for k in after)
