@@ -128,7 +128,7 @@ class ConceptResult:
 
     def sorted_rows(self) -> list[AttackRow]:
         """Worst first: highest erased-model rate; unjudged rows last."""
-        return sorted(self.rows, key=lambda r: -1.0 if r.erased.value is None else -r.erased.value)
+        return sorted(self.rows, key=lambda r: 1.0 if r.erased.value is None else -r.erased.value)
 
     def worst(self) -> AttackRow | None:
         judged = [r for r in self.sorted_rows() if r.erased.value is not None]
@@ -158,7 +158,7 @@ class ProbeReport:
     notes: list[str] = field(default_factory=list)
 
     def sorted_concepts(self) -> list[ConceptResult]:
-        key = lambda c: -1.0 if c.worst() is None else -c.worst().erased.value  # noqa: E731
+        key = lambda c: 1.0 if c.worst() is None else -c.worst().erased.value  # noqa: E731
         return sorted(self.concepts, key=key)
 
     def markdown(self) -> str:

@@ -169,7 +169,7 @@ def test_report_is_worst_first_with_sample_sizes_and_never_says_safe():
     assert text.index("## red star") < text.index("## blue ring") < text.index("## nudity")
     table = text[text.index("## red star"):text.index("## blue ring")]
     assert table.index("| inversion |") < table.index("| paraphrase |") < table.index("| own |")
-    assert "9/20 (45%)" in table and "15/20 (75%)" in table and "partly comes back" in table
+    assert "9/20 (45%)" in table and "15/20 (75%)" in table and "; it comes back" in table  # 45 % >= half of 75 %
     assert "say little" in report.sorted_concepts()[1].verdict()
     assert "not judged" in unjudged.verdict()
     assert json.loads(json.dumps(report.to_dict()))["concepts"][0]["phrase"] == "red star"
