@@ -23,7 +23,9 @@ from .run_inputs import check_new_folder, read_text
 
 EXPLICIT_WORDS = ("nudity", "nude", "naked", "erotic", "sexual", "explicit", "porn")
 #: adversarial prompt files shipped in ``mace_ops/assets/attacks`` (licence and source beside them)
-BUNDLED_PROMPT_FILES = {"i2p_nudity_subset": Path(__file__).with_name("assets") / "attacks" / "i2p_nudity_subset.csv"}
+_ATTACKS_DIR = Path(__file__).with_name("assets") / "attacks"
+BUNDLED_PROMPT_FILES = {name: _ATTACKS_DIR / f"{name}.csv" for name in
+                        ("i2p_nudity_subset", "unlearndiffatk_nudity", "unlearndiffatk_vangogh")}
 
 
 def add_probe_parser(sub: Any) -> None:
@@ -38,7 +40,7 @@ def add_probe_parser(sub: Any) -> None:
     p.add_argument("--paraphrases", help="text file of 'phrase: prompt' lines (SD; the world has its own set)")
     p.add_argument("--prompts-csv", action="append", default=[], metavar="NAME=FILE",
                    help="adversarial prompt file (CSV with a prompt column, or text), or a bundled "
-                        "name: i2p_nudity_subset; repeatable")
+                        "name: i2p_nudity_subset, unlearndiffatk_nudity, unlearndiffatk_vangogh; repeatable")
     p.add_argument("--limit", type=int, default=None, help="use only the first N prompts of each prompt file")
     p.add_argument("--relearn-prompts", help="text file of unrelated prompts for relearning "
                                              "(default: world captions; SD: the built-in corpus)")

@@ -630,7 +630,9 @@ class MaceRobustnessProbe:
                     "multiline": True, "default": "",
                     "tooltip": "Prompts the erasure never saw, one 'phrase: prompt' per line.",
                 }),
-                "prompt_file": (["none", "i2p_nudity_subset (bundled, 134 prompts)"], {
+                "prompt_file": (["none", "i2p_nudity_subset (bundled, 134 prompts)",
+                                 "unlearndiffatk_nudity (bundled, 142 prompts)",
+                                 "unlearndiffatk_vangogh (bundled, 50 prompts)"], {
                     "default": "none", "tooltip": "An adversarial prompt file, sampled once and judged per concept.",
                 }),
                 "prompt_file_path": ("STRING", {

@@ -107,18 +107,22 @@ def test_read_attack_prompts_csv_seeds_text_and_errors(tmp_path):
 
 
 def test_bundled_prompt_files_carry_their_licence_and_source():
-    files = sorted(p for p in ATTACK_ASSETS.iterdir() if p.suffix in (".csv", ".txt") and p.name != "LICENSE.txt")
-    assert files, "no bundled prompt file"
-    licence = (ATTACK_ASSETS / "LICENSE.txt").read_text(encoding="utf-8")
+    from mace_ops.probe_cli import BUNDLED_PROMPT_FILES
+
+    files = sorted(p for p in ATTACK_ASSETS.iterdir() if p.suffix == ".csv")
+    assert sorted(BUNDLED_PROMPT_FILES.values()) == files
     source = (ATTACK_ASSETS / "SOURCE.md").read_text(encoding="utf-8")
-    assert licence.startswith("MIT License") and "Rohit Gandikota" in licence
+    for repo, holder in (("unified-concept-editing", "Rohit Gandikota"), ("Diffusion-MU-Attack", "OPTML Group")):
+        licence = (ATTACK_ASSETS / f"LICENSE-{repo}.txt").read_text(encoding="utf-8")
+        assert licence.startswith("MIT License") and holder in licence and f"LICENSE-{repo}.txt" in source
+    rows = {"i2p_nudity_subset.csv": 134, "unlearndiffatk_nudity.csv": 142, "unlearndiffatk_vangogh.csv": 50}
     for f in files:
         assert f.name in source and f.stat().st_size < 200_000
-        rows = read_attack_prompts(f)
-        assert len(rows) == 134 and all(r.seed is not None for r in rows)
-    assert "28c81ed5a3e41277c1a0dc55f738e7ab188e9718" in source
-    assert hashlib.sha256((ATTACK_ASSETS / "i2p_nudity_subset.csv").read_bytes()).hexdigest() == (
-        "daa8a783ee41d12bb36b933b9c28244af1029bf6515a4fa000af381a75ef037a")
+        digest = hashlib.sha256(f.read_bytes()).hexdigest()
+        assert digest in source
+        prompts = read_attack_prompts(f)
+        assert len(prompts) == rows[f.name] and all(r.seed is not None for r in prompts)
+    assert sum(f.stat().st_size for f in ATTACK_ASSETS.iterdir()) < 200_000
 
 
 def test_relearn_moves_only_the_copy_within_the_adam_bound(tiny_host):
@@ -182,3 +186,54 @@ def test_probe_settings_and_inputs_are_checked(tiny_host):
         ProbeSettings(samples=0).check()
     with pytest.raises(MaceError, match="empty"):
         run_probe(tiny_host, tiny_host, [], _mean_judge, ProbeSettings(size=32))
+
+
+@pytest.fixture(scope="module")
+def world_erasure(world, tmp_path_factory):
+    """A small erasure file for the world model (W0 with to_k scaled by 0.9), naming a style and an object."""
+    from mace_ops.concepts import Concept
+    from mace_ops.io import save_erasure
+    from mace_ops.pipeline import Erasure
+
+    host, _ = world
+    w0 = host.cross_attention_weights()
+    erasure = Erasure({k: 0.9 * v for k, v in w0.items() if k.endswith("to_k")}, host.model_fingerprint(),
+                      [Concept("gridded", "art", "style"), Concept("red star", "a shape", "object")])
+    return save_erasure(erasure, w0, tmp_path_factory.mktemp("erasure") / "erasure.safetensors")
+
+
+def test_cli_probe_writes_and_prints_the_leak_table(world_erasure, tmp_path, capsys):
+    from mace_ops.cli import main
+
+    out = tmp_path / "probe"
+    code = main(["probe", "--erasure", str(world_erasure), "--out", str(out), "--samples", "2", "--steps", "2",
+                 "--inversion-steps", "2", "--relearn-steps", "1", "--prompts-csv", "i2p_nudity_subset",
+                 "--limit", "2", "--quiet"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert (out / "probe.md").read_text(encoding="utf-8") in printed
+    data = json.loads((out / "probe.json").read_text(encoding="utf-8"))
+    worst = [c["rows"][0]["erased"]["hits"] for c in data["concepts"]]  # rows are worst first
+    assert sorted(c["phrase"] for c in data["concepts"]) == ["gridded", "red star"]
+    assert worst == sorted(worst, reverse=True)
+    for c in data["concepts"]:
+        assert {r["attack"] for r in c["rows"]} == {"own", "paraphrase", "file:i2p_nudity_subset", "inversion",
+                                                    "relearning"}
+        assert all(r["erased"]["n"] == 2 and r["original"]["hits"] is not None for r in c["rows"])
+    assert data["control"]["note"] == "inversion of 'pillared'"  # gridded is erased here
+    assert "safe" not in printed.lower() and (out / "grids").is_dir()
+
+
+def test_cli_probe_bad_inputs_exit_2_and_write_nothing(world_erasure, tmp_path, capsys):
+    from mace_ops.cli import main
+
+    out = tmp_path / "p"
+    assert main(["probe", "--erasure", str(world_erasure), "--out", str(out), "--prompts-csv", "nofile"]) == 2
+    assert "NAME=FILE" in capsys.readouterr().err
+    concepts = tmp_path / "c.txt"
+    concepts.write_text("red starr\n", encoding="utf-8")
+    assert main(["probe", "--erasure", str(world_erasure), "--out", str(out), "--concepts", str(concepts)]) == 2
+    assert "not in the world model's vocabulary" in capsys.readouterr().err
+    assert main(["probe", "--erasure", str(world_erasure), "--out", str(out), "--attacks", "own,magic"]) == 2
+    assert "unknown" in capsys.readouterr().err
+    assert not out.exists() and not Path(str(out) + ".partial").exists()
