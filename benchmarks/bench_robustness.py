@@ -118,6 +118,8 @@ def main() -> None:
             "per_concept": report.to_dict()["concepts"], "probe_seconds": time.time() - t,
             "erase_seconds": erase_seconds[m]}
         print(f"{m}: probed in {rows[m]['probe_seconds']:.0f} s", flush=True)
+        if a.json:  # after every method, so that an interrupted run keeps what it measured
+            _write(a, settings, erased, rows, t0)
     attacks = [x for x in settings.attacks if any(x in r["attacks"] for r in rows.values())]
     print(f"\nN = {a.n}, {settings.samples} samples per concept and attack, inversion {settings.inversion_steps} steps, "
           f"relearning {settings.relearn_steps} steps; cells: recognised k/n (erased model)")
@@ -131,11 +133,13 @@ def main() -> None:
         ctrl = "-" if c is None else _cell(c["k"], c["n"])
         print(f"| {m} | " + " | ".join(_cell(r[x]["k_erased"], r[x]["n"]) for x in attacks) + f" | {ctrl} |")
     print(f"\ntotal {time.time() - t0:.0f} s", flush=True)
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        with open(a.json, "w", encoding="utf-8") as f:
-            json.dump({"n": a.n, "seed": a.seed, "settings": settings.__dict__, "erased": [c.phrase for c in erased],
-                       "methods": rows, "seconds": time.time() - t0}, f, indent=2, default=str)
+
+
+def _write(a: argparse.Namespace, settings: ProbeSettings, erased, rows: dict, t0: float) -> None:
+    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+    with open(a.json, "w", encoding="utf-8") as f:
+        json.dump({"n": a.n, "seed": a.seed, "settings": settings.__dict__, "erased": [c.phrase for c in erased],
+                   "methods": rows, "seconds": time.time() - t0}, f, indent=2, default=str)
 
 
 if __name__ == "__main__":

@@ -189,7 +189,10 @@ def test_robustness_probe_node_reports_every_attack_and_leaves_models_untouched(
     """Own prompts, paraphrases, a prompt file and relearning (gradients under inference mode), grids out."""
     prompt_file = tmp_path / "attack.csv"
     prompt_file.write_text("prompt,evaluation_seed\na cat on a sofa,3\n", encoding="utf-8")
-    before = _state(run["model"])
+    from mace_ops.hosts.comfy import ComfyHost
+
+    # effective weights (ComfyUI keeps a sampled clone's patches in the shared module until it unloads it)
+    before = {m: ComfyHost(run[m]).cross_attention_weights() for m in ("model", "erased")}
     with torch.inference_mode():
         out = nodes["MaceRobustnessProbe"].probe(
             run["model"], run["erased"], run["clip"], run["vae"], run["erasure"], "cat: a small feline", "none",
@@ -199,5 +202,6 @@ def test_robustness_probe_node_reports_every_attack_and_leaves_models_untouched(
     for attack in ("| own |", "| paraphrase |", "| file:attack |", "| relearning |"):
         assert attack in text
     assert "not judged (n=2)" in text and "safe" not in text.lower()
-    after = _state(run["model"])
-    assert all(torch.equal(before[k], after[k]) for k in after)
+    for m, weights in before.items():
+        after = ComfyHost(run[m]).cross_attention_weights()
+        assert all(torch.equal(weights[k], after[k]) for k in after), m
