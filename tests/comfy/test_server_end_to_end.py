@@ -244,7 +244,7 @@ def test_nodes_are_registered(server):
     mace = {k: v for k, v in info.items() if v.get("category") == "MACE"}
     assert {v["display_name"] for v in mace.values()} == {
         "MACE Concept List", "MACE Preservation Set", "Refine Cross-Attention", "Train Concept LoRA", "Fuse LoRAs",
-        "Apply Erasure", "Save Erasure", "Load Erasure", "MACE Erasure Preview"}
+        "Apply Erasure", "Save Erasure", "Load Erasure", "MACE Erasure Preview", "MACE Robustness Probe"}
 
 
 def test_every_node_runs_and_the_files_carry_the_erasure(server, mace_run):
