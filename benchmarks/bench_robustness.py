@@ -1,11 +1,11 @@
-"""Robustness of erasures on the world model: leak rates under attack for full MACE, CFR only and the fast mode.
+"""Robustness of erasures on the world model: leak rates under attack for full MACE, CFR only (= fast) and UCE-style.
 
 N erased concepts (``bench_efficacy.pick_concepts``, seeded), erased three ways:
 
     mace       full MACE (CFR + one LoRA per concept + closed-form fusion)
-    cfr_only   stage 1 alone
-    fast       closed form only, no LoRA (the UCE-style edit of ``bench_efficacy``; our stand-in for a
-               closed-form "fast" preset)
+    cfr_only   stage 1 alone; the fast mode (``mace-erase run --fast``, ``closed_form_only``) stops
+               after CFR's closed form, so its weights are exactly these: this row is the fast mode
+    uce_style  another closed form with no LoRA (the UCE-style edit of ``bench_efficacy``)
 
 and probed (``mace_ops.probe.run_probe``, the world classifier as judge) under: own prompts,
 paraphrases (the world's generality set), concept inversion (a token learnt on the erased model from
@@ -43,7 +43,7 @@ from mace_ops.world.classifier import load_classifier  # noqa: E402
 from mace_ops.world.demo import preservation_prompts  # noqa: E402
 from mace_ops.world.probe import classifier_judge, control_concept, probe_concept, unrelated_prompts  # noqa: E402
 
-METHODS = ("mace", "cfr_only", "fast")
+METHODS = ("mace", "cfr_only", "uce_style")
 
 
 def erase(host: DiffusersHost, erased, retained, seed: int) -> tuple[dict, dict]:
@@ -65,9 +65,9 @@ def erase(host: DiffusersHost, erased, retained, seed: int) -> tuple[dict, dict]
                         relative_ridge=s.relative_ridge, original=W0)
     times["mace"] = time.time() - t + times["cfr_only"]
     t = time.time()
-    fast = uce_style_weights(host, erased, stats.groups(s.cfr_preserve, s.cfr_retained), W0, s)
-    times["fast"] = time.time() - t
-    return {"mace": mace, "cfr_only": W1, "fast": fast}, times
+    uce = uce_style_weights(host, erased, stats.groups(s.cfr_preserve, s.cfr_retained), W0, s)
+    times["uce_style"] = time.time() - t
+    return {"mace": mace, "cfr_only": W1, "uce_style": uce}, times
 
 
 def totals(report) -> dict[str, dict[str, int]]:
