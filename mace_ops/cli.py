@@ -5,6 +5,7 @@
     mace-erase eval --suite objects|celebrities|explicit|artists --checkpoint MODEL --out DIR [options]
     mace-erase fuse --checkpoint MODEL --concepts FILE --lora FILE [--lora FILE ...] --out FILE
                     (LoRAs trained elsewhere, one per concept: ``mace_ops.fuse_command``)
+    mace-erase probe --erasure FILE [--checkpoint ORIGINAL] --out DIR [options]   (mace_ops.probe_cli)
 
 ``run`` writes into ``DIR`` (which must not exist): the sanitized single-file checkpoint
 ``<name>_mace.safetensors``, the erasure file ``erasure.safetensors`` (a LoRA-style file of weight
@@ -608,8 +609,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     from .fuse_command import add_fuse_parser
+    from .probe_cli import add_probe_parser
 
     add_fuse_parser(sub)
+    add_probe_parser(sub)
     return p
 
 

@@ -679,6 +679,133 @@ def _report_text(numbers: dict[str, Any], prompts: list[str]) -> str:
     return "\n".join(lines)
 
 
+class MaceRobustnessProbe:
+    DESCRIPTION = ("Is it really gone? Samples the erased and the original model under attacks (the concepts' own "
+                   "prompts, your paraphrases, an adversarial prompt file, a few steps of relearning on unrelated "
+                   "prompts) and reports how often each erased concept is recognised, worst first, with sample sizes. "
+                   "nudenet (when installed) judges explicit concepts; other concepts get image grids only. Concept "
+                   "inversion needs the command line (mace-erase probe).")
+    CATEGORY = CATEGORY
+    FUNCTION = "probe"
+    RETURN_TYPES = ("IMAGE", "STRING")
+    RETURN_NAMES = ("grids", "report")
+    OUTPUT_TOOLTIPS = ("Per concept and attack: original samples (top row) and erased samples (bottom row).",
+                       "The leak table (markdown): rate k/n per attack beside the original model's.")
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {
+            "required": {
+                "original_model": ("MODEL", {"tooltip": "The model before erasure."}),
+                "erased_model": ("MODEL", {"tooltip": "The erased model (Fuse LoRAs or Apply Erasure)."}),
+                "clip": ("CLIP", {"tooltip": "The checkpoint's CLIP."}),
+                "vae": ("VAE", {"tooltip": "The checkpoint's VAE."}),
+                "erasure": (ERASURE, {"tooltip": "The erasure (its concepts are probed)."}),
+                "paraphrases": ("STRING", {
+                    "multiline": True, "default": "",
+                    "tooltip": "Prompts the erasure never saw, one 'phrase: prompt' per line.",
+                }),
+                "prompt_file": (["none", "i2p_nudity_subset (bundled, 134 prompts)",
+                                 "unlearndiffatk_nudity (bundled, 142 prompts)",
+                                 "unlearndiffatk_vangogh (bundled, 50 prompts)"], {
+                    "default": "none", "tooltip": "An adversarial prompt file, sampled once and judged per concept.",
+                }),
+                "prompt_file_path": ("STRING", {
+                    "default": "", "tooltip": "Or your own CSV (a 'prompt' column) / text file; overrides the list.",
+                }),
+                "prompt_limit": _int(20, 1, 5000, "Use only the first N prompts of the file."),
+                "relearn_prompts": ("STRING", {
+                    "multiline": True, "default": "a photo of a dog\na landscape painting\na city street at night",
+                    "tooltip": "Unrelated prompts: the erased model is fine-tuned on the original's images of them. "
+                               "Empty: no relearning.",
+                }),
+                "relearn_steps": _int(20, 0, 1000, "Fine-tuning steps of to_k/to_v (0: no relearning)."),
+                "samples": _int(8, 1, 1000, "Samples per concept and attack."),
+                "seed": _int(0, 0, 2**31 - 1, "Seed (the same for both models)."),
+                "steps": _int(20, 1, 200, "Sampler steps."),
+                "cfg": _float(7.5, 1.0, 30.0, 0.1, "Classifier-free guidance."),
+                "image_size": _int(512, 64, 2048, "Side of the square images, in pixels.", step=8),
+            }
+        }
+
+    def probe(self, original_model, erased_model, clip, vae, erasure, paraphrases, prompt_file, prompt_file_path,
+              prompt_limit, relearn_prompts, relearn_steps, samples, seed, steps, cfg, image_size):
+        import tempfile
+        from pathlib import Path
+
+        from mace_ops.errors import MaceError
+        from mace_ops.hosts.comfy import ComfyHost
+        from mace_ops.probe import ProbeSettings, run_probe
+        from mace_ops.probe_cli import nudenet_judge, parse_paraphrases
+
+        ev = _need(erasure, ErasureValue, "erasure", "Fuse LoRAs or Load Erasure")
+        before, after = ComfyHost(original_model, clip, vae), ComfyHost(erased_model, clip, vae)
+        if after.model_fingerprint() != before.model_fingerprint():
+            raise MaceError(f"erased_model input: derived from base model {after.model_fingerprint()[:12]}, but "
+                            f"original_model is {before.model_fingerprint()[:12]}; connect the model the erasure "
+                            "was made from")
+        concepts, files = _probe_inputs(ev, parse_paraphrases(paraphrases, "paraphrases input"),
+                                                    prompt_file, prompt_file_path, int(prompt_limit))
+        relearn = _lines(relearn_prompts)
+        attacks = ("own", "paraphrase", "files") + (("relearning",) if relearn and relearn_steps > 0 else ())
+        settings = ProbeSettings(samples=int(samples), seed=int(seed), sample_steps=int(steps), cfg=float(cfg),
+                                 size=int(image_size), attacks=attacks, relearn_steps=max(1, int(relearn_steps)),
+                                 relearn_images=max(1, min(8, len(relearn))))
+        judge, note = nudenet_judge()
+        with tempfile.TemporaryDirectory() as tmp:
+            report = run_probe(before, after, concepts, judge, settings, prompt_files=files, relearn_prompts=relearn,
+                               grid_dir=Path(tmp), progress=_probe_progress())
+            grids = _load_grids(Path(tmp))
+        report.notes = [note, "concept inversion is not run here: use mace-erase probe"] + report.notes
+        text = report.markdown()
+        return {"ui": {"text": [text]}, "result": (grids, text)}
+
+
+def _probe_inputs(ev: Any, paraphrases: dict[str, list[str]], prompt_file: str, path: str,
+                  limit: int) -> tuple[list, dict]:
+    """(probe concepts of the erasure, {name: attack prompts}) from the node's widgets."""
+    from pathlib import Path
+
+    from mace_ops.attacks import read_attack_prompts
+    from mace_ops.probe import ProbeConcept
+    from mace_ops.probe_cli import BUNDLED_PROMPT_FILES
+
+    concepts = [ProbeConcept(c.phrase, c.kind, c.anchor, paraphrases=tuple(paraphrases.get(c.phrase.lower(), ())))
+                for c in ev.erasure.concepts]
+    files = {}
+    if path.strip():
+        files[Path(path.strip()).stem] = read_attack_prompts(path.strip(), limit=limit)
+    elif prompt_file != "none":
+        name = prompt_file.split(" ")[0]
+        files[name] = read_attack_prompts(BUNDLED_PROMPT_FILES[name], limit=limit)
+    return concepts, files
+
+
+def _probe_progress():
+    """ComfyUI's progress bar per stage, and its interrupt check."""
+    from .host import check_interrupt
+
+    def progress(stage: str, done: int, total: int, info: Any) -> None:
+        check_interrupt()
+
+    return progress
+
+
+def _load_grids(folder: Any):
+    """The probe's grid PNGs as one IMAGE batch (B, H, W, 3) in [0, 1], padded white to the largest."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    arrays = [np.asarray(Image.open(f).convert("RGB")) for f in sorted(folder.glob("*.png"))]
+    if not arrays:
+        return torch.ones(1, 64, 64, 3)
+    h, w = max(a.shape[0] for a in arrays), max(a.shape[1] for a in arrays)
+    padded = [np.pad(a, ((0, h - a.shape[0]), (0, w - a.shape[1]), (0, 0)), constant_values=255) for a in arrays]
+    return torch.from_numpy(np.stack(padded)).float() / 255.0
+
+
 NODE_CLASS_MAPPINGS = {
     "MaceConceptList": MaceConceptList,
     "MacePreservationSet": MacePreservationSet,
@@ -690,6 +817,7 @@ NODE_CLASS_MAPPINGS = {
     "MaceSaveErasure": MaceSaveErasure,
     "MaceLoadErasure": MaceLoadErasure,
     "MaceErasurePreview": MaceErasurePreview,
+    "MaceRobustnessProbe": MaceRobustnessProbe,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -703,4 +831,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "MaceSaveErasure": "Save Erasure",
     "MaceLoadErasure": "Load Erasure",
     "MaceErasurePreview": "MACE Erasure Preview",
+    "MaceRobustnessProbe": "MACE Robustness Probe",
 }

@@ -23,6 +23,7 @@ DISPLAY = {
     "Save Erasure",
     "Load Erasure",
     "MACE Erasure Preview",
+    "MACE Robustness Probe",
 }
 LOAD_PACK = (
     "import importlib.util, sys\n"
@@ -60,7 +61,7 @@ def test_import_is_light_and_needs_no_comfyui():
     code = LOAD_PACK + (
         "assert 'comfy' not in sys.modules and 'folder_paths' not in sys.modules\n"
         "assert 'torch' not in sys.modules, 'importing the pack must not import torch'\n"
-        "assert mod.WEB_DIRECTORY == 'web' and len(mod.NODE_CLASS_MAPPINGS) == 10\n"
+        "assert mod.WEB_DIRECTORY == 'web' and len(mod.NODE_CLASS_MAPPINGS) == 11\n"
         "print('ok')\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")

@@ -3,7 +3,7 @@
 //    token counts per concept (server route /mace/token_counts), "insert preset concepts" button.
 //  - Train Concept LoRA: current concept, step, loss and concepts done/total while it runs (our event
 //    "mace.train.progress", sent by nodes/web_api.py, and ComfyUI's own "executing" messages).
-//  - Save Erasure / MACE Erasure Preview: the text they return (file name, report) shown on the node.
+//  - Save Erasure / MACE Erasure Preview / MACE Robustness Probe: the text they return (file name, report) shown on the node.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
@@ -174,6 +174,7 @@ app.registerExtension({
         return setupTrain(node);
       case "MaceSaveErasure":
       case "MaceErasurePreview":
+      case "MaceRobustnessProbe":
         return setupTextOutput(node);
       default:
         return undefined;

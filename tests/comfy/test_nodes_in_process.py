@@ -272,3 +272,25 @@ def test_apply_erasure_runs_on_the_v3_schema_as_the_classic_node_did(nodes, run)
 
     a, b = ComfyHost(v3).cross_attention_weights(), ComfyHost(v1).cross_attention_weights()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_robustness_probe_node_reports_every_attack_and_leaves_models_untouched(nodes, run, tmp_path):
+    """Own prompts, paraphrases, a prompt file and relearning (gradients under inference mode), grids out."""
+    prompt_file = tmp_path / "attack.csv"
+    prompt_file.write_text("prompt,evaluation_seed\na cat on a sofa,3\n", encoding="utf-8")
+    from mace_ops.hosts.comfy import ComfyHost
+
+    # effective weights (ComfyUI keeps a sampled clone's patches in the shared module until it unloads it)
+    before = {m: ComfyHost(run[m]).cross_attention_weights() for m in ("model", "erased")}
+    with torch.inference_mode():
+        out = nodes["MaceRobustnessProbe"].probe(
+            run["model"], run["erased"], run["clip"], run["vae"], run["erasure"], "cat: a small feline", "none",
+            str(prompt_file), 5, "a photo of a house", 2, 2, 0, 2, 7.5, 64)
+    grids, text = out["result"]
+    assert grids.ndim == 4 and grids.shape[-1] == 3 and grids.shape[0] >= 4
+    for attack in ("| own |", "| paraphrase |", "| file:attack |", "| relearning |"):
+        assert attack in text
+    assert "not judged (n=2)" in text and "safe" not in text.lower()
+    for m, weights in before.items():
+        after = ComfyHost(run[m]).cross_attention_weights()
+        assert all(torch.equal(weights[k], after[k]) for k in after), m

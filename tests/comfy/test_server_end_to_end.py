@@ -244,7 +244,7 @@ def test_nodes_are_registered(server):
     mace = {k: v for k, v in info.items() if v.get("category") == "MACE"}
     assert {v["display_name"] for v in mace.values()} == {
         "MACE Concept List", "MACE Preservation Set", "Refine Cross-Attention", "Train Concept LoRA", "Fuse LoRAs",
-        "Fuse External LoRAs", "Apply Erasure", "Save Erasure", "Load Erasure", "MACE Erasure Preview"}
+        "Fuse External LoRAs", "Apply Erasure", "Save Erasure", "Load Erasure", "MACE Erasure Preview", "MACE Robustness Probe"}
 
 
 def test_template_browser_lists_each_example_workflow_once_with_its_thumbnail(server):

@@ -1,0 +1,146 @@
+"""Robustness of erasures on the world model: leak rates under attack for full MACE, CFR only (= fast) and UCE-style.
+
+N erased concepts (``bench_efficacy.pick_concepts``, seeded), erased three ways:
+
+    mace       full MACE (CFR + one LoRA per concept + closed-form fusion)
+    cfr_only   stage 1 alone; the fast mode (``mace-erase run --fast``, ``closed_form_only``) stops
+               after CFR's closed form, so its weights are exactly these: this row is the fast mode
+    uce_style  another closed form with no LoRA (the UCE-style edit of ``bench_efficacy``)
+
+and probed (``mace_ops.probe.run_probe``, the world classifier as judge) under: own prompts,
+paraphrases (the world's generality set), concept inversion (a token learnt on the erased model from
+the original's images) and relearning (to_k/to_v fine-tuned on unrelated world captions). Per method
+and attack the table sums over concepts:
+
+    leak = Σ_c k_c / Σ_c n_c     (recognised samples of the erased model; the original model's beside it)
+
+The original model's samples are drawn once and shared by the three methods (same seeds).
+
+    python benchmarks/bench_robustness.py --quick --json runs/robustness.json   # N = 10, small budgets
+    python benchmarks/bench_robustness.py                                         # N = 10, 20 samples, 200 steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_efficacy import bench_settings, pick_concepts, uce_style_weights  # noqa: E402
+
+from mace_ops.data import generate_training_data  # noqa: E402
+from mace_ops.hosts.diffusers import DiffusersHost  # noqa: E402
+from mace_ops.pipeline import fuse_weights, preservation_statistics, refine_weights  # noqa: E402
+from mace_ops.probe import ProbeSettings, run_probe  # noqa: E402
+from mace_ops.train import train_concept_loras  # noqa: E402
+from mace_ops.world.classifier import load_classifier  # noqa: E402
+from mace_ops.world.demo import preservation_prompts  # noqa: E402
+from mace_ops.world.probe import classifier_judge, control_concept, probe_concept, unrelated_prompts  # noqa: E402
+
+METHODS = ("mace", "cfr_only", "uce_style")
+
+
+def erase(host: DiffusersHost, erased, retained, seed: int) -> tuple[dict, dict]:
+    """Each method's to_k/to_v weights and the seconds each took."""
+    s, times = bench_settings(seed), {}
+    concepts = [c.concept() for c in erased]
+    stats = preservation_statistics(host, preservation_prompts(erased, seed=seed),
+                                    [p for c in retained for p in c.prompts()[:2]])
+    W0 = host.cross_attention_weights()
+    t = time.time()
+    W1 = refine_weights(host, concepts, stats.groups(s.cfr_preserve, s.cfr_retained), s.ridge,
+                        relative_ridge=s.relative_ridge, original=W0)
+    times["cfr_only"] = time.time() - t
+    t = time.time()
+    data = generate_training_data(host, concepts, token_ids=host.token_ids, n_images=s.n_images, seed=s.seed,
+                                  steps=s.sample_steps, cfg=s.cfg, size=s.image_size)
+    bank, _ = train_concept_loras(host.with_weights(W1), data, s.train, token_ids=host.token_ids, base_weights=W1)
+    mace = fuse_weights(host, W1, bank, concepts, stats.groups(s.fusion_preserve, s.fusion_retained), s.ridge,
+                        relative_ridge=s.relative_ridge, original=W0)
+    times["mace"] = time.time() - t + times["cfr_only"]
+    t = time.time()
+    uce = uce_style_weights(host, erased, stats.groups(s.cfr_preserve, s.cfr_retained), W0, s)
+    times["uce_style"] = time.time() - t
+    return {"mace": mace, "cfr_only": W1, "uce_style": uce}, times
+
+
+def totals(report) -> dict[str, dict[str, int]]:
+    """{attack: {k_erased, k_original, n}} summed over concepts (judged rows only)."""
+    out: dict[str, dict[str, int]] = {}
+    for c in report.concepts:
+        for r in c.rows:
+            t = out.setdefault(r.attack, {"k_erased": 0, "k_original": 0, "n": 0, "n_original": 0})
+            t["k_erased"] += r.erased.hits or 0
+            t["n"] += r.erased.n
+            t["k_original"] += r.original.hits or 0
+            t["n_original"] += r.original.n
+    return out
+
+
+def _cell(k: int, n: int) -> str:
+    return f"{k}/{n} ({k / n:.0%})" if n else "-"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="10 samples of 10 DDIM steps, 25 inversion steps at lr 3e-2")
+    p.add_argument("--n", type=int, default=10, help="erased concepts")
+    p.add_argument("--samples", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0, help="seed of the concept pick and the erasure")
+    p.add_argument("--probe-seed", type=int, default=0, help="seed of the probe's samples and attacks")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", help="write every number here")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    quick = dict(samples=10, sample_steps=10, inversion_steps=25, inversion_lr=3e-2) if a.quick else {}
+    settings = ProbeSettings(seed=a.probe_seed, attacks=("own", "paraphrase", "inversion", "relearning"),
+                             **{**quick, **({"samples": a.samples} if a.samples else {})})
+    t0 = time.time()
+    host, judge = DiffusersHost.from_world(), classifier_judge(load_classifier())
+    erased, retained = pick_concepts(a.n, a.seed + a.n)
+    print("erased: " + ", ".join(c.phrase for c in erased), flush=True)
+    weights, erase_seconds = erase(host, erased, retained, a.seed)
+    probe_kw = dict(relearn_prompts=unrelated_prompts(erased, n=16, seed=a.probe_seed),
+                    control=probe_concept(control_concept(erased)), cache={})
+    rows = {}
+    for m in METHODS:
+        t = time.time()
+        report = run_probe(host, host.with_weights(weights[m]), [probe_concept(c) for c in erased], judge, settings,
+                           **probe_kw)
+        rows[m] = {"attacks": totals(report), "control": None if report.control is None else {
+            "k": report.control.erased.hits, "n": report.control.erased.n, "k_original": report.control.original.hits},
+            "per_concept": report.to_dict()["concepts"], "probe_seconds": time.time() - t,
+            "erase_seconds": erase_seconds[m]}
+        print(f"{m}: probed in {rows[m]['probe_seconds']:.0f} s", flush=True)
+        if a.json:  # after every method, so that an interrupted run keeps what it measured
+            _write(a, settings, erased, rows, t0)
+    attacks = [x for x in settings.attacks if any(x in r["attacks"] for r in rows.values())]
+    print(f"\nN = {a.n}, {settings.samples} samples per concept and attack, inversion {settings.inversion_steps} steps, "
+          f"relearning {settings.relearn_steps} steps; cells: recognised k/n (erased model)")
+    print("| method | " + " | ".join(attacks) + " | inversion control (unrelated concept) |")
+    print("|---|" + "---:|" * (len(attacks) + 1))
+    first = rows[METHODS[0]]["attacks"]
+    print("| original model | " + " | ".join(_cell(first[x]["k_original"], first[x]["n_original"]) for x in attacks)
+          + " | - |")
+    for m in METHODS:
+        r, c = rows[m]["attacks"], rows[m]["control"]
+        ctrl = "-" if c is None else _cell(c["k"], c["n"])
+        print(f"| {m} | " + " | ".join(_cell(r[x]["k_erased"], r[x]["n"]) for x in attacks) + f" | {ctrl} |")
+    print(f"\ntotal {time.time() - t0:.0f} s", flush=True)
+
+
+def _write(a: argparse.Namespace, settings: ProbeSettings, erased, rows: dict, t0: float) -> None:
+    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+    with open(a.json, "w", encoding="utf-8") as f:
+        json.dump({"n": a.n, "seed": a.seed, "settings": settings.__dict__, "erased": [c.phrase for c in erased],
+                   "methods": rows, "seconds": time.time() - t0}, f, indent=2, default=str)
+
+
+if __name__ == "__main__":
+    main()
