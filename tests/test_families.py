@@ -264,3 +264,56 @@ def test_sd1_host_reads_its_family_and_encodes_as_before(tiny_host, tiny_sd):
         ref = tiny_sd.text_encoder(input_ids=ids).last_hidden_state
     assert torch.equal(tiny_host.encode(prompts), ref)
     assert tiny_host.encode_pooled(prompts) is None
+
+
+# --------------------------------------------------------------------------------------------------
+# SDXL's pooled channel
+
+
+def test_pooled_column_edit_matches_lstsq_and_keeps_the_size_columns():
+    from mace_ops.pooled import edit_pooled_columns
+
+    g = torch.Generator().manual_seed(3)
+    d, d_size = 1280, 1536
+    w = torch.randn(16, d + d_size, generator=g, dtype=F64) / d**0.5
+    y_f, y_g = torch.randn(40, d, generator=g, dtype=F64), torch.randn(40, d, generator=g, dtype=F64)
+    keep = torch.randn(200, d, generator=g, dtype=F64)
+    ridge, wk = 0.2, 3.0
+    out = edit_pooled_columns(w, SecondMoment(d).add(y_g, y_f), SecondMoment(d).add(y_f),
+                              [Preservation(SecondMoment(d).add(keep), wk)], ridge, relative_ridge=0.0)
+    p0, c = w[:, :d], (wk / len(keep)) ** 0.5
+    ref = _lstsq([y_f, c * keep, ridge**0.5 * torch.eye(d, dtype=F64)],
+                 [y_g @ p0.T, c * keep @ p0.T, ridge**0.5 * p0.T])
+    assert _rel(out[:, :d], ref) < 1e-8
+    assert torch.equal(out[:, d:], w[:, d:]) and out.data_ptr() != w.data_ptr()
+
+
+def test_pooled_channel_edit_on_tiny_sdxl_moves_only_label_emb(sdxl_host, sd2_host):
+    from mace_ops.pooled import pooled_channel_edit
+
+    concepts = [Concept("Taylor Swift", "a person")]
+    keep = ["a photo of a dog", "a red car", "a bowl of fruit", "a house by a lake", "a mountain at dawn"]
+    before = {k: v.clone() for k, v in sdxl_host.unet.state_dict().items()}
+    w = pooled_channel_edit(sdxl_host, concepts, keep, preserve_weight=1.0)
+    w0 = sdxl_host.label_emb_weight()
+    f, a = "a portrait of Taylor Swift", "a portrait of a person"
+    y_f, y_a = sdxl_host.encode_pooled([f])[0].double(), sdxl_host.encode_pooled([a])[0].double()
+    p, p0 = w[:, :1280].double(), w0[:, :1280].double()
+    assert (p @ y_f - p0 @ y_a).norm() < 0.2 * (p0 @ y_f - p0 @ y_a).norm()  # the concept's pooled → anchor's
+    edited = sdxl_host.with_label_emb(w)
+    assert torch.equal(edited.label_emb_weight(), w) and torch.equal(sdxl_host.label_emb_weight(), w0)
+    # the edited host's forward = a copy of the UNet with that weight written in
+    import copy
+
+    unet = copy.deepcopy(sdxl_host.unet)
+    unet.add_embedding.linear_1.weight.data.copy_(w)
+    ctx, y = sdxl_host.encode_with_pooled([f])
+    x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([300])
+    time_ids = torch.tensor([[64, 64, 0, 0, 64, 64]], dtype=torch.float32)
+    with torch.no_grad(), edited.instrument() as run:
+        ours = run(x, t, ctx, pooled=y)
+        ref = unet(x, t, encoder_hidden_states=ctx, added_cond_kwargs={"text_embeds": y, "time_ids": time_ids}).sample
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(before[k], v) for k, v in sdxl_host.unet.state_dict().items())
+    with pytest.raises(MaceError, match="no pooled text channel"):
+        pooled_channel_edit(sd2_host, concepts, keep)

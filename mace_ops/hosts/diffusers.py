@@ -225,6 +225,7 @@ class DiffusersHost:
         self._modules_by_name = self._find_blocks(unet)  # LDM name -> attn2 module, forward order
         self._check_context_width()
         self._weights: dict[str, Tensor] = {}  # overrides of to_k / to_v
+        self._label_emb: Tensor | None = None  # override of label_emb.0.0.weight (SDXL pooled channel)
         self._shared: dict[str, Any] = {}  # cached fingerprints, shared with with_weights copies
 
     # ------------------------------------------------------------------ construction
@@ -331,6 +332,26 @@ class DiffusersHost:
             **self._weights,
             **{n: w.detach().to(self.device, originals[n].dtype, copy=True) for n, w in weights.items()},
         }
+        return new
+
+    def label_emb_weight(self) -> Tensor | None:
+        """A copy of ``label_emb.0.0.weight`` (diffusers ``add_embedding.linear_1``), (d_t, 2816); None
+        when the UNet has no ``label_emb`` (SD1.x, SD2.x)."""
+        if self._label_emb is not None:
+            return self._label_emb.detach().clone()
+        add = getattr(self.unet, "add_embedding", None)
+        return None if add is None else add.linear_1.weight.detach().clone()
+
+    def with_label_emb(self, weight: Tensor) -> DiffusersHost:
+        """A new host whose UNet runs with ``label_emb.0.0.weight = weight`` (the modules are untouched:
+        the weight is passed to each forward with ``torch.func.functional_call``)."""
+        current = self.label_emb_weight()
+        if current is None or tuple(weight.shape) != tuple(current.shape):
+            raise MaceError(f"label_emb weight of shape {tuple(weight.shape)}: the model has "
+                            f"{None if current is None else tuple(current.shape)}")
+        new = object.__new__(DiffusersHost)
+        new.__dict__.update(self.__dict__)
+        new._label_emb = weight.detach().to(self.device, current.dtype, copy=True)
         return new
 
     # ------------------------------------------------------------------ text
@@ -459,6 +480,10 @@ class DiffusersHost:
             sizes = self.family.size_ids(x.shape[-2] * 8, x.shape[-1] * 8)
             time_ids = torch.tensor([sizes], device=self.device, dtype=self.dtype).expand(x.shape[0], -1)
             kwargs["added_cond_kwargs"] = {"text_embeds": pooled.to(self.device, self.dtype), "time_ids": time_ids}
+        if self._label_emb is not None:
+            params = {"add_embedding.linear_1.weight": self._label_emb}
+            kwargs.update(encoder_hidden_states=c, return_dict=False)
+            return torch.func.functional_call(self.unet, params, (x, t), kwargs)[0]
         return self.unet(x, t, encoder_hidden_states=c, return_dict=False, **kwargs)[0]
 
     def alphas_cumprod(self) -> Tensor:
