@@ -7,7 +7,7 @@ corpus. Three models: the original ``W0``; "cross-attention only" = CFR on the 1
 ``pooled_channel_edit`` of ``label_emb``'s pooled columns.
 
 For each concept prompt ``c`` and its anchor twin ``a`` (4 templates per concept), the same noisy
-latent and timestep (seeded; t ∈ {300, 500}), with ``ε_m(ctx, y)`` the model's output for token
+latent and timestep (seeded; t = 300), with ``ε_m(ctx, y)`` the model's output for token
 states ``ctx`` and pooled embedding ``y``, the concept's signal left in model ``m`` is measured against the
 ORIGINAL model on the anchor prompt, ``ref = ε_0(ctx_a, y_a)``::
 
@@ -40,7 +40,7 @@ from mace_ops.preservation import default_corpus  # noqa: E402
 
 CONCEPTS = [Concept("Taylor Swift", "a person"), Concept("Brad Pitt", "a person"), Concept("Oprah Winfrey", "a person")]
 TEMPLATES = 4
-TIMESTEPS = (300, 500)
+TIMESTEPS = (300,)
 
 
 def _eps(host: DiffusersHost, ctx: torch.Tensor, y: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -53,9 +53,11 @@ def main() -> None:
     base = DiffusersHost.from_tiny(0, family="sdxl")
     corpus = default_corpus()
     keep, held_out = corpus[:64], corpus[-32:]
+    print("built the tiny SDXL model", file=sys.stderr, flush=True)
     stats = preservation_statistics(base, keep)
     cross_only = base.with_weights(refine_weights(base, CONCEPTS, stats.groups(1.0)))
     both = cross_only.with_label_emb(pooled_channel_edit(base, CONCEPTS, keep, preserve_weight=1.0))
+    print("edited: cross-attention (CFR) and pooled columns", file=sys.stderr, flush=True)
     models = {"original": base, "cross-attention only": cross_only, "cross-attention + pooled": both}
 
     pairs = [p for c in CONCEPTS for p in concept_prompt_pairs(c)[:TEMPLATES]]

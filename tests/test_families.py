@@ -317,3 +317,15 @@ def test_pooled_channel_edit_on_tiny_sdxl_moves_only_label_emb(sdxl_host, sd2_ho
     assert all(torch.equal(before[k], v) for k, v in sdxl_host.unet.state_dict().items())
     with pytest.raises(MaceError, match="no pooled text channel"):
         pooled_channel_edit(sd2_host, concepts, keep)
+
+
+def test_sdxl_diffusers_folder_loads_with_both_encoders(sdxl_host, tmp_path):
+    for name in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        module = sdxl_host.unet if name == "unet" else sdxl_host.vae if name == "vae" else (
+            sdxl_host.text_encoders[0 if name == "text_encoder" else 1])
+        module.save_pretrained(tmp_path / name, safe_serialization=True)
+    host = DiffusersHost.from_pretrained(tmp_path)
+    assert host.family is SDXL and len(host.cross_attention_blocks()) == 70
+    prompts = ["a photo of Taylor Swift"]
+    a, b = host.encode_with_pooled(prompts), sdxl_host.encode_with_pooled(prompts)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

@@ -257,8 +257,9 @@ class DiffusersHost:
         cls, folder: str | os.PathLike[str], *, device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> DiffusersHost:
-        """A host over a local diffusers SD1.x folder (``unet/``, ``text_encoder/``, ``vae/``, optional
-        ``tokenizer/`` and ``scheduler/``), offline, safetensors only."""
+        """A host over a local diffusers SD1.x / SD2.x / SDXL folder (``unet/``, ``text_encoder/``, ``vae/``,
+        SDXL's ``text_encoder_2/``, optional ``tokenizer/`` and ``scheduler/``), offline, safetensors only.
+        The family is read from the UNet; padding follows the family (bigG and OpenCLIP-H pad with 0)."""
         import json
 
         from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -269,6 +270,11 @@ class DiffusersHost:
         opts = {"local_files_only": True, "use_safetensors": True}
         unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", **opts)
         text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **opts)
+        text_encoder_2 = None  # SDXL: bigG with its projection (the pooled channel)
+        if os.path.isdir(os.path.join(root, "text_encoder_2")):
+            from transformers import CLIPTextModelWithProjection
+
+            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(root, subfolder="text_encoder_2", **opts)
         vae = AutoencoderKL.from_pretrained(root, subfolder="vae", **opts)
         tokenizer = None  # the folder's own tokenizer when it has one, else the SD1.x one
         if os.path.isfile(os.path.join(root, "tokenizer", "vocab.json")):
@@ -282,8 +288,8 @@ class DiffusersHost:
             with open(sched, encoding="utf-8") as f:
                 raw = json.load(f)
             scheduler_config = {**SD1_SCHEDULER_CONFIG, **{k: v for k, v in raw.items() if k in SD1_SCHEDULER_CONFIG}}
-        return cls(unet, text_encoder, vae, tokenizer=tokenizer, scheduler_config=scheduler_config,
-                   device=device, dtype=dtype)
+        return cls(unet, text_encoder, vae, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                   scheduler_config=scheduler_config, device=device, dtype=dtype)
 
     def _schedule_alphas(self) -> Tensor:
         c = self.scheduler_config
