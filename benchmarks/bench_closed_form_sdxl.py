@@ -9,8 +9,12 @@ and matrix, one preservation group (100 prompts, weight 1), float32 weights.
 
 Timed: stats (streaming float64 ``SecondMoment`` of C, G and each G_i), CFR of the 140 matrices
 (``refine_cross_attention``), fusion ``add_concept`` per concept and one ``FusionProblem.solve()``.
-Peak memory: the process's maximum RSS (includes torch and the 2 × 140 float32 weights, ~1.4 GB... see
-"RSS after setup").
+Peak memory: the process's maximum RSS (includes torch and the W0, W1 float32 weights: 2 × 1.36 GB for
+all 140 matrices; see "RSS after setup").
+
+Lower bound: the output alone is Σ d_out × 2048 = 166,400 × 2048 = 341M numbers; any solve that forms
+each ``W0 · M`` densely costs 166,400 × 2048² × 2 ≈ 1.4 TFLOP per product (float64), which is tens of
+seconds on 2 CPU cores whatever the algorithm.
 
     .venv/bin/python benchmarks/bench_closed_form_sdxl.py --concepts 100
 """
@@ -71,10 +75,13 @@ def concept_data(i: int, prompts: int, shapes: dict[str, int]):
     return e_f, e_g, concept.reshape(-1, D), factors
 
 
-def run(n: int, prompts: int) -> dict:
+def run(n: int, prompts: int, matrices: int | None = None) -> dict:
     from mace_ops.statistics import SecondMoment
 
     shapes = sdxl_matrix_shapes()
+    if matrices:  # a slice, every 140/matrices-th matrix (both widths): solves scale with Σ d_out
+        names = list(shapes)[:: max(len(shapes) // matrices, 1)][:matrices]
+        shapes = {k: shapes[k] for k in names}
     g = torch.Generator().manual_seed(0)
     w0 = {k: torch.randn(r, D, generator=g) * D**-0.5 for k, r in shapes.items()}
     w1 = {k: w + 0.01 * torch.randn(w.shape, generator=g) * D**-0.5 for k, w in w0.items()}
@@ -98,7 +105,7 @@ def run(n: int, prompts: int) -> dict:
     t0 = time.perf_counter()
     problem.solve()
     t_solve = time.perf_counter() - t0
-    return {"matrices": len(shapes), "stats": t_stats, "cfr": t_cfr, "add": t_add, "solve": t_solve,
+    return {"matrices": len(shapes), "rows": sum(shapes.values()), "stats": t_stats, "cfr": t_cfr, "add": t_add, "solve": t_solve,
             "setup_mb": setup_mb, "peak_mb": _peak_mb()}
 
 
@@ -107,12 +114,13 @@ def main() -> None:
     ap.add_argument("--concepts", type=int, default=100)
     ap.add_argument("--prompts", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--matrices", type=int, help="time a slice of the 140 matrices (solves scale with Σ d_out)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     load = " ".join(open("/proc/loadavg").read().split()[:3])
-    r = run(args.concepts, args.prompts)
+    r = run(args.concepts, args.prompts, args.matrices)
     solves = r["cfr"] + r["add"] + r["solve"]
-    print(f"# SDXL shapes: {r['matrices']} matrices, d={D}; {args.concepts} concepts × {args.prompts} prompts × "
+    print(f"# SDXL shapes: {r['matrices']} matrices ({r['rows']} rows of 166400), d={D}; {args.concepts} concepts × {args.prompts} prompts × "
           f"{TOKENS} tokens; torch {torch.__version__}, {args.threads} threads; load average at start {load}")
     print("| concepts | stats (s) | CFR solve (s) | fusion add (s) | fusion solve (s) | **solves (s)** | "
           "RSS after setup (MB) | peak RSS (MB) |")
