@@ -221,17 +221,50 @@ def _float(t: Tensor) -> Tensor:
     return t.float() if t.is_floating_point() else t
 
 
+def refused_model(keys: list[str], slice_shape: Any) -> str | None:
+    """Why a single-file checkpoint is a model MACE cannot edit, by name; None when it is none of those.
+
+    * SD3 / SD3.5 (``joint_blocks``) and FLUX (``double_blocks``): MMDiT / DiT models with no
+      cross-attention: the text enters by joint attention, so there is no ``to_k``/``to_v`` to edit;
+    * SDXL refiner (bigG only, 1280-d context, ``label_emb`` 2560): reads aesthetic scores, not this pipeline's
+      conditioning, and is never the model that draws the concept;
+    * inpainting (9 UNet input channels) and instruct-pix2pix (8): their UNet needs a mask / source image
+      latent next to the noise, which the training stage does not provide."""
+    def has(prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in keys)
+
+    if has(UNET_PREFIX + "joint_blocks.") or has("joint_blocks."):
+        return "an SD3/SD3.5 (MMDiT) checkpoint: it has no cross-attention (text enters by joint attention)"
+    if has(UNET_PREFIX + "double_blocks.") or has("double_blocks."):
+        return "a FLUX checkpoint: it has no cross-attention (text enters by joint attention)"
+    if has("conditioner.embedders.0.model.") and not has("conditioner.embedders.1."):
+        return "an SDXL refiner (OpenCLIP-bigG only, aesthetic-score conditioning): erase from the SDXL base model"
+    conv_in = UNET_PREFIX + "input_blocks.0.0.weight"
+    if conv_in in keys:
+        shape = slice_shape(conv_in)
+        if len(shape) == 4 and shape[1] == 9:
+            return "an inpainting model (9 UNet input channels: noise + mask + masked image)"
+        if len(shape) == 4 and shape[1] == 8:
+            return "an instruct-pix2pix model (8 UNet input channels: noise + source image)"
+    return None
+
+
 def _check_sd1_file(path: str, keys: list[str], slice_shape: Any) -> None:
     where = f"checkpoint {path!r}"
+    refused = refused_model(keys, slice_shape)
+    if refused:
+        raise MaceError(f"{where} is {refused}; MACE edits SD1.x, SD2.x and SDXL base models only")
     if not any(k.startswith(UNET_PREFIX) for k in keys):
         if any(k.startswith(("lora_", "diffusion_model.")) for k in keys) or any(".lora_" in k for k in keys[:50]):
             raise MaceError(f"{where} looks like a LoRA or erasure file, not a full model; give an SD1.x checkpoint")
         raise MaceError(f"{where} has no model.diffusion_model.* tensors: not a Stable Diffusion single-file "
                         "checkpoint; give an SD1.x .safetensors checkpoint or a diffusers folder")
     if any(k.startswith("conditioner.embedders.") for k in keys):
-        raise MaceError(f"{where} is an SDXL checkpoint; MACE here supports SD1.x (v1.4/v1.5) only")
+        raise MaceError(f"{where} is an SDXL checkpoint; mace-erase run loads SD1.x (v1.4/v1.5) single files only "
+                        "so far (SDXL runs through the diffusers host in Python: DiffusersHost(..., text_encoder_2=...))")
     if any(k.startswith("cond_stage_model.model.") for k in keys):
-        raise MaceError(f"{where} is an SD2.x checkpoint (OpenCLIP text encoder); MACE here supports SD1.x only")
+        raise MaceError(f"{where} is an SD2.x checkpoint (OpenCLIP text encoder); mace-erase run loads SD1.x single "
+                        "files only so far (SD2.x runs through the diffusers host in Python)")
     if _PROBE_KEY not in keys:
         raise MaceError(f"{where} has no cross-attention block input_blocks.1.1 (no {_PROBE_KEY}): not an SD1.x UNet")
     shape = slice_shape(_PROBE_KEY)

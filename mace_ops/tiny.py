@@ -38,12 +38,14 @@ def sd1_alphas_cumprod(
 
 @dataclass
 class TinySD:
-    """A tiny SD1.x-shaped model set (eval mode, frozen)."""
+    """A tiny SD-shaped model set (eval mode, frozen)."""
 
     unet: nn.Module  # diffusers UNet2DConditionModel
     text_encoder: nn.Module  # transformers CLIPTextModel
     vae: nn.Module  # diffusers AutoencoderKL
     alphas_cumprod: Tensor  # (1000,) float64
+    text_encoder_2: nn.Module | None = None  # SDXL: CLIPTextModelWithProjection (bigG-shaped)
+    family: str = "sd1"
 
 
 def build_tiny_sd(seed: int = 0) -> TinySD:
@@ -99,6 +101,90 @@ def build_tiny_sd(seed: int = 0) -> TinySD:
     return TinySD(unet=unet, text_encoder=text_encoder, vae=vae, alphas_cumprod=sd1_alphas_cumprod())
 
 
+def _tiny_clip(seed: int, hidden: int, projection: int | None = None) -> nn.Module:
+    """A 2-layer CLIP text model with a real ``hidden``-d output, 77 positions and 49408 tokens;
+    with ``projection``: a ``CLIPTextModelWithProjection`` (its pooled output projected to that width)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=49408, hidden_size=hidden, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, hidden_act="gelu" if projection else "quick_gelu",
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, projection_dim=projection or hidden,
+    )
+    torch.manual_seed(seed)
+    return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
+
+
+def _tiny_vae(seed: int, scaling_factor: float) -> nn.Module:
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 16, 16), layers_per_block=1,
+        latent_channels=4, norm_num_groups=4, sample_size=64, scaling_factor=scaling_factor,
+    )
+
+
+def build_tiny_sdxl(seed: int = 0) -> TinySD:
+    """A tiny SDXL base: the real UNet layout (3 levels, transformer depths 0/2/10, 10-deep middle, 70
+    cross-attention blocks, LDM names ``input_blocks.4/5/7/8``, ``middle_block.1``, ``output_blocks.0–5``),
+    2048-d context, ``label_emb`` with 2816 inputs (1280 pooled + 6 × 256), channels 16/32/64; CLIP-L- and
+    bigG-shaped 2-layer text encoders (768 and 1280 wide, bigG's pooled output projected to 1280)."""
+    from diffusers import UNet2DConditionModel
+
+    from .family import SDXL
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(16, 32, 64), layers_per_block=2, norm_num_groups=8,
+            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(1, 2, 4), use_linear_projection=True,
+            cross_attention_dim=SDXL.context_dim, addition_embed_type="text_time",
+            addition_time_embed_dim=SDXL.size_embed_dim, projection_class_embeddings_input_dim=SDXL.adm_dim,
+        )
+        text_encoder = _tiny_clip(seed + 1, 768)
+        text_encoder_2 = _tiny_clip(seed + 3, 1280, projection=1280)
+        vae = _tiny_vae(seed + 2, SDXL.vae_scale)
+    for m in (unet, text_encoder, text_encoder_2, vae):
+        m.eval().requires_grad_(False)
+    return TinySD(unet, text_encoder, vae, sd1_alphas_cumprod(), text_encoder_2=text_encoder_2, family="sdxl")
+
+
+def build_tiny_sd2(seed: int = 0) -> TinySD:
+    """A tiny SD2.x: SD1.x's layout (16 cross-attention blocks) with linear projections in the
+    transformers, 1024-d context, an OpenCLIP-H-shaped 2-layer text encoder (1024 wide)."""
+    from diffusers import UNet2DConditionModel
+
+    from .family import SD2
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            block_out_channels=(32, 32, 64, 64), layers_per_block=2, norm_num_groups=8,
+            cross_attention_dim=SD2.context_dim, attention_head_dim=2, use_linear_projection=True,
+        )
+        text_encoder = _tiny_clip(seed + 1, 1024)
+        vae = _tiny_vae(seed + 2, SD2.vae_scale)
+    for m in (unet, text_encoder, vae):
+        m.eval().requires_grad_(False)
+    return TinySD(unet, text_encoder, vae, sd1_alphas_cumprod(), family="sd2")
+
+
+def build_tiny(family: str = "sd1", seed: int = 0) -> TinySD:
+    """The tiny model of a family: "sd1" (``build_tiny_sd``), "sd2" or "sdxl"."""
+    from .family import family_by_name
+
+    builders = {"sd1": build_tiny_sd, "sd2": build_tiny_sd2, "sdxl": build_tiny_sdxl}
+    return builders[family_by_name(family).name](seed)
+
+
 def _attn2_names(attention: nn.Module, diffusers_path: str, ldm_path: str) -> dict[str, str]:
     """``{<diffusers_path>.transformer_blocks.<k>.attn2: <ldm_path>.transformer_blocks.<k>.attn2}``."""
     return {
@@ -128,4 +214,4 @@ def ldm_cross_attention_names(unet: nn.Module) -> dict[str, str]:
     return {d: n for d, n in names.items() if getattr(modules[d], "is_cross_attention", False)}
 
 
-__all__ = ["TinySD", "build_tiny_sd", "ldm_cross_attention_names", "sd1_alphas_cumprod", "SD1_SCALING_FACTOR"]
+__all__ = ["TinySD", "build_tiny", "build_tiny_sd", "build_tiny_sd2", "build_tiny_sdxl", "ldm_cross_attention_names", "sd1_alphas_cumprod", "SD1_SCALING_FACTOR"]

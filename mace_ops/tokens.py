@@ -105,6 +105,23 @@ def sd1_token_ids(prompts: Sequence[str], tokenizer: Any = None) -> list[list[in
     return [list(map(int, ids)) for ids in out["input_ids"]]
 
 
+def padded_token_ids(
+    prompts: Sequence[str], tokenizer: Any, pad_id: int = END_ID, max_length: int = MAX_LENGTH
+) -> list[list[int]]:
+    """``sd1_token_ids`` with every position after the first end token set to ``pad_id`` (OpenCLIP-H and
+    bigG pad with 0): start + tokens + end, then ``pad_id`` up to ``max_length``. Positions are the same
+    whatever the pad id, so alignment and the loss set S (both positional) do not depend on it."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    out = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True)
+    rows = []
+    for ids in out["input_ids"]:
+        ids = list(map(int, ids))
+        n = unpadded_length(ids)
+        rows.append(ids[:n] + [pad_id] * (len(ids) - n))
+    return rows
+
+
 def unpadded_length(ids: Sequence[int], end_id: int = END_ID) -> int:
     """Length up to and including the first end token (the whole sequence when there is none)."""
     ids = list(ids)

@@ -329,6 +329,7 @@ class _ConceptState:
     generator: torch.Generator  # CPU; sample index, t and ε come from it, in that order
     key: str = ""
     base_kv: dict[str, Tensor] | None = None  # name -> W·context (1, 77, d_out): fixed, computed once
+    pooled: Tensor | None = None  # (1, d_pooled): SDXL's pooled text embedding for label_emb
 
 
 def _base_kv(state: _ConceptState, base: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -349,6 +350,7 @@ class _FixedBatch:
     positions: Tensor  # (B, 77) bool
     base_kv: dict[str, Tensor]  # name -> (B, 77, d_out): the frozen W·context of each sample's prompt
     rows: Tensor  # (B,) long: the bank row of each sample
+    pooled: Tensor | None = None  # (B, d_pooled) for families with a pooled channel (SDXL)
 
 
 def _fixed_batch(
@@ -363,7 +365,15 @@ def _fixed_batch(
         positions=stack([states[c].positions[None] for c in active]),
         base_kv={name: stack([_base_kv(states[c], base)[name] for c in active]) for name in base},
         rows=torch.tensor([c for c in active for _ in range(bs)], dtype=torch.long, device=device),
+        pooled=stack([states[c].pooled for c in active]) if states[active[0]].pooled is not None else None,
     )
+
+
+def _pooled(host: Host, prompt: str) -> Tensor | None:
+    """The prompt's pooled text embedding (1, d_pooled) when the host's family has one (SDXL), else None."""
+    encode_pooled = getattr(host, "encode_pooled", None)
+    pooled = encode_pooled([prompt]) if encode_pooled is not None else None
+    return None if pooled is None else pooled.detach().clone().float()
 
 
 def _concept_of(item: Any) -> Concept:
@@ -416,6 +426,7 @@ def train_concept_loras(
         for c, item in zip(concepts, data, strict=True):
             prompt = training_prompt(c)
             context = host.encode([prompt]).detach().clone().float()  # (1, 77, d_ctx)
+            pooled = _pooled(host, prompt)
             latents = item.latents.detach().clone().float().to(context.device)  # (n, 4, h, w)
             if latents.ndim != 4 or latents.shape[0] < 1:
                 raise MaceError(f"concept {c.phrase!r}: latents of shape {tuple(latents.shape)}; need (n, 4, h, w)")
@@ -434,7 +445,7 @@ def train_concept_loras(
                 token_ids, prompt, c.phrase, include_end_tokens=config.include_end_tokens
             ).to(context.device)
             gen = torch.Generator().manual_seed(seed_from(config.seed, c.phrase, "train"))
-            states.append(_ConceptState(c.phrase, latents, masks, context, positions, gen))
+            states.append(_ConceptState(c.phrase, latents, masks, context, positions, gen, pooled=pooled))
 
         losses: dict[str, list[float]] = {p: [] for p in phrases}
         bank = LoRABank(shapes, phrases, config.rank, seed=config.seed).to(states[0].context.device)
@@ -560,7 +571,10 @@ def _train_group(
         loss_sink = AttentionLossSink(masks, fixed.positions, squared=config.squared_loss)
         linears = bank.banked_linears(base, fixed.rows, fixed.base_kv)  # fresh per step: it caches down·ctx
         with host.instrument(linears=linears, attention=loss_sink.attention) as unet:
-            unet(x_t, t.to(device), fixed.context)
+            if fixed.pooled is None:
+                unet(x_t, t.to(device), fixed.context)
+            else:
+                unet(x_t, t.to(device), fixed.context, pooled=fixed.pooled)
         per_sample = loss_sink.total()  # (B,)
         per_concept = per_sample.view(len(active), bs).mean(1)  # (A,)
         opt.zero_grad(set_to_none=False)

@@ -122,6 +122,11 @@ def test_sanitized_checkpoint_refuses_nan(tmp_path):
     ({"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 1024)}, "context width 1024"),
     ({"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 768)}, "no text encoder"),
     ({"model.diffusion_model.middle_block.0.in_layers.0.weight": (320,)}, "no cross-attention"),
+    ({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": (3, 2)}, "SD3/SD3.5 .*no cross-attention"),
+    ({"double_blocks.0.img_attn.qkv.weight": (3, 2)}, "FLUX .*no cross-attention"),
+    ({"model.diffusion_model.x": (1,), "conditioner.embedders.0.model.x": (1,)}, "SDXL refiner"),
+    ({"model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3)}, "inpainting model"),
+    ({"model.diffusion_model.input_blocks.0.0.weight": (320, 8, 3, 3)}, "instruct-pix2pix"),
 ])
 def test_not_sd1_is_refused(tmp_path, keys, match):
     p = tmp_path / "x.safetensors"

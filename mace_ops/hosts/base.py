@@ -1,9 +1,10 @@
 """The host protocol: the few things the MACE core needs from a Stable Diffusion host.
 
-Naming. A cross-attention block is named by its SD1.x (LDM) state-dict path without the
+Naming. A cross-attention block is named by its LDM state-dict path without the
 ``diffusion_model.`` prefix, e.g. ``input_blocks.1.1.transformer_blocks.0.attn2``; its two edited
 matrices are ``<block>.to_k`` and ``<block>.to_v`` with weights of shape ``(d_out, d_ctx)``
-(``d_ctx`` = 768 for SD1.x). Every host uses these names, whatever its own module paths are, so
+(``d_ctx`` = ``host.family.context_dim``: 768 SD1.x, 1024 SD2.x, 2048 SDXL). Blocks are enumerated
+from the model (SD1.x/SD2.x 16, SDXL 70), never from a list. Every host uses these names, whatever its own module paths are, so
 erasure files and LoRA banks are portable between hosts.
 
 Instrumented forward. ``Host.instrument(linears=..., attention=...)`` is a context manager that,
@@ -11,7 +12,9 @@ while open, routes the cross-attention of the UNet through our code and is fully
 (also on error or interrupt); the host's model is never mutated:
 
 * ``linears[name](context) -> projected`` replaces ``to_k`` / ``to_v`` of that block
-  (``context``: (B, 77, d_ctx) -> (B, 77, d_out)); used for LoRA and for trial weights.
+  (``context``: (B, L, d_ctx) -> (B, L, d_out), L = ``host.max_length``); used for LoRA and trial weights.
+* the yielded ``unet(x_t, t, context[, pooled])``: families with a pooled text channel (SDXL) need
+  ``pooled = host.encode_pooled(prompts)``; hosts without one may omit that argument.
 * ``attention(block, q, k, v, heads) -> out`` replaces the scaled-dot-product attention of the
   block: ``q`` (B, N, heads·d), ``k``/``v`` (B, 77, heads·d) already projected; it returns
   (B, N, heads·d) *before* ``to_out``. ``mace_ops.attention`` implements an explicit softmax
@@ -28,6 +31,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
+
+from ..family import ModelFamily
 
 LinearFn = Callable[[Tensor], Tensor]
 AttentionFn = Callable[[str, Tensor, Tensor, Tensor, int], Tensor]
@@ -49,8 +54,10 @@ class CrossAttentionBlock:
 class Host(Protocol):
     """What the MACE core needs from a host. See the module docstring for names and shapes."""
 
-    #: 77 for SD1.x
+    #: token positions per prompt (77 for every supported family)
     max_length: int
+    #: the model family (``mace_ops.family``): context width, encoders, padding, VAE scale, prediction
+    family: ModelFamily
 
     def token_ids(self, prompts: Sequence[str]) -> list[list[int]]:
         """Token ids of each prompt, padded/truncated exactly as the host feeds its text encoder."""
@@ -58,6 +65,10 @@ class Host(Protocol):
 
     def encode(self, prompts: Sequence[str]) -> Tensor:
         """Per-token text-encoder hidden states, (B, max_length, d_ctx), float32, no grad."""
+        ...
+
+    def encode_pooled(self, prompts: Sequence[str]) -> Tensor | None:
+        """The pooled text embedding the UNet also reads (SDXL: bigG's, (B, 1280)); None when the family has none."""
         ...
 
     def text_encoder_fingerprint(self) -> str:
@@ -193,7 +204,8 @@ def weights_fingerprint(weights: Mapping[str, Tensor], names: Sequence[str]) -> 
 
 
 def sd1_block_names() -> list[str]:
-    """The 16 cross-attention block names of SD1.x in forward order."""
+    """The 16 cross-attention block names of SD1.x in forward order (tests and benchmarks; hosts
+    enumerate their blocks from the model)."""
     ins = [f"input_blocks.{i}.1.transformer_blocks.0.attn2" for i in (1, 2, 4, 5, 7, 8)]
     mid = ["middle_block.1.transformer_blocks.0.attn2"]
     outs = [f"output_blocks.{i}.1.transformer_blocks.0.attn2" for i in range(3, 12)]

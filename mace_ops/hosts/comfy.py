@@ -53,6 +53,7 @@ from torch import Tensor, nn
 
 from ..attention import explicit_attention
 from ..errors import MaceError
+from ..family import SD1, ModelFamily
 from ..tokens import MAX_LENGTH
 from .base import (
     AttentionFn,
@@ -133,6 +134,7 @@ class ComfyHost:
     """A ``Host`` over ComfyUI's MODEL, CLIP and VAE (none of them is ever mutated)."""
 
     max_length: int = MAX_LENGTH
+    family: ModelFamily = SD1  # this host supports SD1.x only so far
 
     def __init__(
         self,
@@ -247,6 +249,10 @@ class ComfyHost:
                 ids.append(tok)
             out.append(ids)
         return out
+
+    def encode_pooled(self, prompts: Sequence[str]) -> Tensor | None:
+        """None: SD1.x feeds no pooled text embedding to its UNet."""
+        return None
 
     def encode(self, prompts: Sequence[str]) -> Tensor:
         """Per-token states ComfyUI feeds the UNet as context, (B, 77, d_ctx) float32, no grad.

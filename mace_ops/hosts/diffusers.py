@@ -13,8 +13,13 @@ Processor math for one block (the SD1.x case of diffusers' ``AttnProcessor2_0``)
     o = attention(block, q, k, v, heads) (B, N, heads·d)    default: scaled-dot-product attention
     out = to_out(o)
 
-Sampling (``generate``): DDIM (η = 0) with SD1.x's scheduler settings, classifier-free guidance with
-the empty prompt, ``eps = eps_u + cfg·(eps_c - eps_u)``; prompt ``i``'s initial noise comes from
+Families (``mace_ops.family``): SD1.x, SD2.x and SDXL, read from the UNet's context width and
+``label_emb`` inputs. The context is the concatenation of each text encoder's states (SDXL: CLIP-L
+penultimate ⊕ bigG penultimate, 768 + 1280, no final LN); SDXL's UNet also gets ``label_emb``'s input
+``cat(pooled bigG, size ids)``: ``unet(x, t, context, pooled=...)``, size ids (h, w, 0, 0, h, w) in pixels.
+
+Sampling (``generate``): DDIM (η = 0) with SD1.x's scheduler settings (prediction type from the family),
+classifier-free guidance with the empty prompt (encoded, as ComfyUI does; not zeros), ``eps = eps_u + cfg·(eps_c - eps_u)``; prompt ``i``'s initial noise comes from
 ``torch.Generator().manual_seed(seed + i)`` on the CPU.
 ``vae_encode`` returns the MEAN of the VAE posterior times the scaling factor (deterministic).
 """
@@ -32,16 +37,18 @@ from torch import Tensor, nn
 
 from ..attention import explicit_attention, sdpa_attention
 from ..errors import MaceError
+from ..family import SD1, ModelFamily, family_by_name, family_from_unet_dims
 from ..tiny import (
     SD1_BETA_END,
     SD1_BETA_START,
     SD1_SCALING_FACTOR,
     SD1_TRAIN_STEPS,
+    build_tiny,
     build_tiny_sd,
     ldm_cross_attention_names,
     sd1_alphas_cumprod,
 )
-from ..tokens import MAX_LENGTH, load_sd1_tokenizer, sd1_token_ids
+from ..tokens import load_sd1_tokenizer, padded_token_ids, sd1_token_ids
 from .base import (
     AttentionFn,
     CrossAttentionBlock,
@@ -177,14 +184,14 @@ class DiffusersHost:
     to ``device`` (the UNet also to ``dtype``), sets eval mode and ``requires_grad_(False)``.
     """
 
-    max_length: int = MAX_LENGTH
-
     def __init__(
         self,
         unet: nn.Module,
         text_encoder: nn.Module,
         vae: nn.Module,
         *,
+        text_encoder_2: nn.Module | None = None,
+        family: ModelFamily | str | None = None,
         tokenizer: Any = None,
         alphas_cumprod: Tensor | None = None,
         scheduler_config: Mapping[str, Any] | None = None,
@@ -198,27 +205,44 @@ class DiffusersHost:
         encoder's dtype."""
         self.device = torch.device(device) if device is not None else next(unet.parameters()).device
         self.dtype = dtype if dtype is not None else next(unet.parameters()).dtype
-        for m in (unet, text_encoder, vae):
+        self.text_encoders = [text_encoder] + ([text_encoder_2] if text_encoder_2 is not None else [])
+        for m in (unet, *self.text_encoders, vae):
             m.to(self.device).eval().requires_grad_(False)
         if next(unet.parameters()).dtype != self.dtype:
             unet.to(self.dtype)
         self.unet, self.text_encoder, self.vae = unet, text_encoder, vae
-        self.tokenizer = tokenizer if tokenizer is not None else load_sd1_tokenizer()
-        self.scheduler_config = dict(SD1_SCHEDULER_CONFIG if scheduler_config is None else scheduler_config)
+        self.family = family_by_name(family) if family is not None else self._unet_family(unet)
+        if len(self.text_encoders) != len(self.family.encoders):
+            raise MaceError(f"a {self.family.name} model needs {len(self.family.encoders)} text encoder(s); "
+                            f"{len(self.text_encoders)} given")
+        self.max_length = self.family.max_length
+        self.tokenizer = tokenizer if tokenizer is not None else load_sd1_tokenizer()  # BPE shared by L, H, bigG
+        default_sched = {**SD1_SCHEDULER_CONFIG, "prediction_type": self.family.prediction}
+        self.scheduler_config = dict(default_sched if scheduler_config is None else scheduler_config)
         if alphas_cumprod is None:
             alphas_cumprod = self._schedule_alphas()
         self._alphas = alphas_cumprod.detach().to("cpu", torch.float64).clone()
         self._modules_by_name = self._find_blocks(unet)  # LDM name -> attn2 module, forward order
         self._check_context_width()
         self._weights: dict[str, Tensor] = {}  # overrides of to_k / to_v
+        self._label_emb: Tensor | None = None  # override of label_emb.0.0.weight (SDXL pooled channel)
         self._shared: dict[str, Any] = {}  # cached fingerprints, shared with with_weights copies
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_tiny(cls, seed: int = 0, **kwargs: Any) -> DiffusersHost:
-        """A host over ``mace_ops.tiny.build_tiny_sd(seed)`` (tests, benchmarks)."""
-        sd = build_tiny_sd(seed)
-        return cls(sd.unet, sd.text_encoder, sd.vae, alphas_cumprod=sd.alphas_cumprod, **kwargs)
+    def from_tiny(cls, seed: int = 0, family: str = "sd1", **kwargs: Any) -> DiffusersHost:
+        """A host over ``mace_ops.tiny.build_tiny(family, seed)`` (tests, benchmarks)."""
+        sd = build_tiny_sd(seed) if family == "sd1" else build_tiny(family, seed)
+        return cls(sd.unet, sd.text_encoder, sd.vae, text_encoder_2=sd.text_encoder_2, family=sd.family,
+                   alphas_cumprod=sd.alphas_cumprod, **kwargs)
+
+    @staticmethod
+    def _unet_family(unet: nn.Module) -> ModelFamily:
+        """The family read from the UNet: its cross-attention width and ``label_emb`` inputs."""
+        width = getattr(unet.config, "cross_attention_dim", None)
+        add = getattr(unet, "add_embedding", None)
+        adm = int(add.linear_1.in_features) if add is not None and hasattr(add, "linear_1") else 0
+        return family_from_unet_dims(int(width if not isinstance(width, (list, tuple)) else width[0]), adm)
 
     @classmethod
     def from_world(cls, **kwargs: Any) -> DiffusersHost:
@@ -233,8 +257,9 @@ class DiffusersHost:
         cls, folder: str | os.PathLike[str], *, device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> DiffusersHost:
-        """A host over a local diffusers SD1.x folder (``unet/``, ``text_encoder/``, ``vae/``, optional
-        ``tokenizer/`` and ``scheduler/``), offline, safetensors only."""
+        """A host over a local diffusers SD1.x / SD2.x / SDXL folder (``unet/``, ``text_encoder/``, ``vae/``,
+        SDXL's ``text_encoder_2/``, optional ``tokenizer/`` and ``scheduler/``), offline, safetensors only.
+        The family is read from the UNet; padding follows the family (bigG and OpenCLIP-H pad with 0)."""
         import json
 
         from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -245,6 +270,11 @@ class DiffusersHost:
         opts = {"local_files_only": True, "use_safetensors": True}
         unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", **opts)
         text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **opts)
+        text_encoder_2 = None  # SDXL: bigG with its projection (the pooled channel)
+        if os.path.isdir(os.path.join(root, "text_encoder_2")):
+            from transformers import CLIPTextModelWithProjection
+
+            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(root, subfolder="text_encoder_2", **opts)
         vae = AutoencoderKL.from_pretrained(root, subfolder="vae", **opts)
         tokenizer = None  # the folder's own tokenizer when it has one, else the SD1.x one
         if os.path.isfile(os.path.join(root, "tokenizer", "vocab.json")):
@@ -258,8 +288,8 @@ class DiffusersHost:
             with open(sched, encoding="utf-8") as f:
                 raw = json.load(f)
             scheduler_config = {**SD1_SCHEDULER_CONFIG, **{k: v for k, v in raw.items() if k in SD1_SCHEDULER_CONFIG}}
-        return cls(unet, text_encoder, vae, tokenizer=tokenizer, scheduler_config=scheduler_config,
-                   device=device, dtype=dtype)
+        return cls(unet, text_encoder, vae, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                   scheduler_config=scheduler_config, device=device, dtype=dtype)
 
     def _schedule_alphas(self) -> Tensor:
         c = self.scheduler_config
@@ -280,14 +310,17 @@ class DiffusersHost:
         return blocks
 
     def _check_context_width(self) -> None:
-        """Every cross-attention block must read the text encoder's token width (SD1.x: 768)."""
-        width = getattr(getattr(self.text_encoder, "config", None), "hidden_size", None)
+        """Every cross-attention block must read the concatenated token width of the text encoders
+        (the family's context: SD1.x 768, SD2.x 1024, SDXL 768 + 1280)."""
+        widths = [getattr(getattr(e, "config", None), "hidden_size", None) for e in self.text_encoders]
+        width = None if None in widths else sum(int(w) for w in widths)
         for name, m in self._modules_by_name.items():
             d_ctx = int(m.to_k.weight.shape[1])
-            if width is not None and d_ctx != int(width):
+            if d_ctx != self.family.context_dim or (width is not None and d_ctx != width):
                 raise MaceError(
-                    f"cross-attention {name} reads {d_ctx}-d context but the text encoder gives {width}-d "
-                    "token states: the UNet and text encoder do not belong together; give an SD1.x model"
+                    f"cross-attention {name} reads {d_ctx}-d context but the text encoders give {width}-d "
+                    f"token states ({self.family.name}: {self.family.context_dim}): the UNet and text encoders "
+                    "do not belong together; give a complete SD1.x, SD2.x or SDXL model"
                 )
 
     def with_weights(self, weights: Mapping[str, Tensor]) -> DiffusersHost:
@@ -307,16 +340,74 @@ class DiffusersHost:
         }
         return new
 
+    def label_emb_weight(self) -> Tensor | None:
+        """A copy of ``label_emb.0.0.weight`` (diffusers ``add_embedding.linear_1``), (d_t, 2816); None
+        when the UNet has no ``label_emb`` (SD1.x, SD2.x)."""
+        if self._label_emb is not None:
+            return self._label_emb.detach().clone()
+        add = getattr(self.unet, "add_embedding", None)
+        return None if add is None else add.linear_1.weight.detach().clone()
+
+    def with_label_emb(self, weight: Tensor) -> DiffusersHost:
+        """A new host whose UNet runs with ``label_emb.0.0.weight = weight`` (the modules are untouched:
+        the weight is passed to each forward with ``torch.func.functional_call``)."""
+        current = self.label_emb_weight()
+        if current is None or tuple(weight.shape) != tuple(current.shape):
+            raise MaceError(f"label_emb weight of shape {tuple(weight.shape)}: the model has "
+                            f"{None if current is None else tuple(current.shape)}")
+        new = object.__new__(DiffusersHost)
+        new.__dict__.update(self.__dict__)
+        new._label_emb = weight.detach().to(self.device, current.dtype, copy=True)
+        return new
+
     # ------------------------------------------------------------------ text
     def token_ids(self, prompts: Sequence[str]) -> list[list[int]]:
-        return sd1_token_ids(list(prompts), self.tokenizer)
+        """The first encoder's ids with its padding (SDXL: CLIP-L's; bigG's differ only after the end token)."""
+        return self._encoder_ids(prompts, 0)
+
+    def _encoder_ids(self, prompts: Sequence[str], i: int) -> list[list[int]]:
+        pad = self.family.encoders[i].pad_id
+        if self.family is SD1:
+            return sd1_token_ids(list(prompts), self.tokenizer)
+        return padded_token_ids(list(prompts), self.tokenizer, pad, self.max_length)
+
+    def _encoder_states(self, i: int, prompts: Sequence[str]) -> tuple[Tensor, Tensor | None]:
+        """Encoder i's token states (B, 77, d_i) as its family reads them, and its pooled output when used."""
+        spec, enc = self.family.encoders[i], self.text_encoders[i]
+        ids = torch.tensor(self._encoder_ids(prompts, i), dtype=torch.long, device=self.device)  # (B, 77)
+        if not spec.penultimate:  # SD1.x: last hidden state after the final layer norm
+            out = enc(input_ids=ids)
+            return out.last_hidden_state.float(), None
+        out = enc(input_ids=ids, output_hidden_states=True)
+        # diffusers' SD2 encoder is OpenCLIP-H without its last layer (23 of 24): its output after the
+        # final LN is already "penultimate + LN"
+        if spec.name == "clip_h" and int(enc.config.num_hidden_layers) == 23:
+            states = out.last_hidden_state
+        else:
+            states = out.hidden_states[-2]  # (B, 77, d_i): input of the last layer
+            if spec.final_layer_norm:
+                states = getattr(enc, "text_model", enc).final_layer_norm(states)  # transformers 4 and 5
+        pooled = out.text_embeds.float() if spec.pooled else None  # (B, d_i): projected pooled output
+        return states.float(), pooled
+
+    @torch.no_grad()
+    def encode_with_pooled(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor | None]:
+        """``(context (B, 77, d_ctx), pooled (B, d_pooled) or None)``: the encoders' states concatenated."""
+        parts = [self._encoder_states(i, prompts) for i in range(len(self.text_encoders))]
+        pooled = [p for _, p in parts if p is not None]
+        return torch.cat([s for s, _ in parts], dim=-1), (torch.cat(pooled, dim=-1) if pooled else None)
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> Tensor:
-        """Last hidden state after the final layer norm, (B, 77, d_ctx) float32."""
-        ids = torch.tensor(self.token_ids(prompts), dtype=torch.long, device=self.device)  # (B, 77)
-        out = self.text_encoder(input_ids=ids)
-        return out.last_hidden_state.float()
+        """The UNet's text context, (B, 77, d_ctx) float32 (SD1.x: last hidden state after the final LN)."""
+        return self.encode_with_pooled(prompts)[0]
+
+    @torch.no_grad()
+    def encode_pooled(self, prompts: Sequence[str]) -> Tensor | None:
+        """The pooled text embedding fed to ``label_emb`` (SDXL: bigG's, (B, 1280)); None for SD1.x/SD2.x."""
+        if not self.family.pooled_dim:
+            return None
+        return self.encode_with_pooled(prompts)[1]
 
     # ------------------------------------------------------------------ weights
     def cross_attention_blocks(self) -> list[CrossAttentionBlock]:
@@ -347,9 +438,11 @@ class DiffusersHost:
         return self._shared["model"]
 
     def text_encoder_fingerprint(self) -> str:
-        """``weights_fingerprint`` of every text-encoder tensor (state_dict order)."""
+        """``weights_fingerprint`` of every text-encoder tensor (state_dict order, encoders in order)."""
         if "text" not in self._shared:
-            sd = self.text_encoder.state_dict()
+            sd = dict(self.text_encoder.state_dict())
+            for i, enc in enumerate(self.text_encoders[1:], start=2):  # SDXL: bigG's tensors as "te<i>.<key>"
+                sd.update({f"te{i}.{k}": v for k, v in enc.state_dict().items()})
             self._shared["text"] = weights_fingerprint(sd, list(sd))
         return self._shared["text"]
 
@@ -377,14 +470,27 @@ class DiffusersHost:
             for m, proc in reversed(saved):
                 m.set_processor(proc)
 
-    def _unet_fn(self, x_t: Tensor, t: Tensor, context: Tensor) -> Tensor:
-        """eps = UNet(x_t (B,4,h,w), t (B,) or scalar, context (B,77,d_ctx)); in the host's dtype."""
+    def _unet_fn(self, x_t: Tensor, t: Tensor, context: Tensor, pooled: Tensor | None = None) -> Tensor:
+        """UNet(x_t (B,4,h,w), t (B,) or scalar, context (B,77,d_ctx)[, pooled (B,d_pooled)]), host dtype.
+
+        SDXL needs ``pooled``; its size ids are those of an uncropped image of the latent's size × 8."""
         x = x_t.to(self.device, self.dtype)
         c = context.to(self.device, self.dtype)
         t = torch.as_tensor(t, device=self.device)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        return self.unet(x, t, encoder_hidden_states=c, return_dict=False)[0]
+        kwargs: dict[str, Any] = {}
+        if self.family.adm_dim:
+            if pooled is None:
+                raise MaceError(f"a {self.family.name} UNet needs the pooled text embedding (host.encode_pooled)")
+            sizes = self.family.size_ids(x.shape[-2] * 8, x.shape[-1] * 8)
+            time_ids = torch.tensor([sizes], device=self.device, dtype=self.dtype).expand(x.shape[0], -1)
+            kwargs["added_cond_kwargs"] = {"text_embeds": pooled.to(self.device, self.dtype), "time_ids": time_ids}
+        if self._label_emb is not None:
+            params = {"add_embedding.linear_1.weight": self._label_emb}
+            kwargs.update(encoder_hidden_states=c, return_dict=False)
+            return torch.func.functional_call(self.unet, params, (x, t), kwargs)[0]
+        return self.unet(x, t, encoder_hidden_states=c, return_dict=False, **kwargs)[0]
 
     def alphas_cumprod(self) -> Tensor:
         return self._alphas.clone()
@@ -428,8 +534,12 @@ class DiffusersHost:
         prompts = check_generate_args(prompts, steps=steps, height=height, width=width)
         b = len(prompts)
         guided = cfg != 1.0
-        cond = self.encode(prompts)  # (B, 77, d)
-        context = torch.cat([self.encode([""]).expand(b, -1, -1), cond]) if guided else cond  # (2B or B, 77, d)
+        cond, cond_pooled = self.encode_with_pooled(prompts)  # (B, 77, d), (B, d_pooled) or None
+        empty, empty_pooled = self.encode_with_pooled([""])
+        context = torch.cat([empty.expand(b, -1, -1), cond]) if guided else cond  # (2B or B, 77, d)
+        pooled = cond_pooled
+        if cond_pooled is not None and guided:
+            pooled = torch.cat([empty_pooled.expand(b, -1), cond_pooled])  # (2B, d_pooled)
         noise = [
             torch.randn((1, 4, height // 8, width // 8), generator=torch.Generator().manual_seed(seed + i))
             for i in range(b)
@@ -454,7 +564,7 @@ class DiffusersHost:
         with self.instrument(linears=linears, attention=attention) as unet:
             for i, t in enumerate(scheduler.timesteps):
                 x_in = torch.cat([x, x]) if guided else x
-                eps = unet(x_in, t.expand(x_in.shape[0]), context).float()
+                eps = unet(x_in, t.expand(x_in.shape[0]), context, pooled).float()
                 if guided:
                     eps_u, eps_c = eps.chunk(2)
                     eps = eps_u + cfg * (eps_c - eps_u)
