@@ -113,7 +113,7 @@ def family_from_unet_dims(context_dim: int, adm_dim: int) -> ModelFamily:
             return fam
     raise MaceError(
         f"a UNet with {context_dim}-d cross-attention context and {adm_dim} label_emb inputs is not SD1.x "
-        "(768, 0), SD2.x (1024, 0) or SDXL base (2048, 2816); MACE supports only those"
+        "(768, 0), SD2.x (1024, 0) or SDXL base (2048, 2816): give an SD1.x, SD2.x or SDXL base model"
     )
 
 

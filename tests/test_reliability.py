@@ -221,7 +221,7 @@ def _unet(cross_attention: bool = True, width: int = 768):
 
 @pytest.mark.parametrize(("unet", "match"), [
     (lambda: _unet(cross_attention=False), "no cross-attention blocks; give an SD1.x-style"),
-    (lambda: _unet(width=32), "reads 32-d context but the text encoder gives 768-d.*give an SD1.x model"),
+    (lambda: _unet(width=32), "32-d cross-attention context .*give an SD1.x, SD2.x or SDXL base model"),
 ])
 def test_diffusers_host_refuses_a_model_that_is_not_sd_like(tiny_sd, unet, match):
     with pytest.raises(MaceError, match=match):
