@@ -120,7 +120,7 @@ def erase_all(host: DiffusersHost, erased: list[WorldConcept], retained: list[Wo
         times[f"loras_on_{'W1' if base is W1 else 'W0'}"] = time.time() - t
         t = time.time()
         weights[label] = fuse_weights(host, base, bank, concepts, fuse_groups, s.ridge,
-                                      relative_ridge=s.relative_ridge, original=W0)
+                                      relative_ridge=s.fusion_ridge_epsilon(), original=W0, tokens=s.fusion_tokens)
         times[f"fusion_{label}"] = time.time() - t
         if label == "mace":
             weights["naive_sum"] = naive_sum(W1, bank, concepts)

@@ -245,11 +245,15 @@ def world_demo_settings(seed: int = 0) -> Any:
     from .pipeline import ErasureSettings
     from .train import TrainConfig
 
-    # retained weights 5 / 50: with 0.5 / 5 erasing "red circle" also took "blue circle" (42 % -> 8 %).
-    # 100 LoRA steps: on the model of 2,700 steps, 30 left "red circle" at 12/12 (60: 7/12, 100: 1/12).
-    return ErasureSettings(cfr_preserve=0.5, cfr_retained=5.0, fusion_preserve=5.0, fusion_retained=50.0, ridge=0.1,
+    # CFR: retained weight 5 (0.5 let "red circle"'s erasure take "blue circle", 42 % -> 8 %).
+    # Fusion (benchmarks/README.md, "Where the damage comes from"): E_i = the phrase's own tokens, weights
+    # 500 / 5000 and a relative ridge 1e-2. With all 77 positions, weight 5 and ε 1e-6 the fused to_k/to_v
+    # moved 21x their norm and every neighbour fell; a lone LoRA already hits the neighbours, so the
+    # fusion's preservation must hold them. LoRA lr 2e-3 x 100 steps: at 1e-3 "red star" stayed at 100 %.
+    return ErasureSettings(cfr_preserve=0.5, cfr_retained=5.0, fusion_preserve=500.0, fusion_retained=5000.0,
+                           ridge=0.1, fusion_relative_ridge=1e-2, fusion_tokens="phrase",
                            n_images=4, sample_steps=20, cfg=5.0, image_size=64, seed=seed,
-                           train=TrainConfig(steps=100, lr=1e-3, seed=seed))
+                           train=TrainConfig(steps=100, lr=2e-3, seed=seed))
 
 
 def _demo_setup(args: argparse.Namespace) -> tuple[Any, list, list[str], Any, list[str]]:

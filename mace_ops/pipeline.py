@@ -33,7 +33,7 @@ from .hosts.base import Host
 from .lora import LoRABank
 from .preservation import cached_preservation_moments, default_corpus, preservation_moments
 from .statistics import SecondMoment
-from .tokens import aligned_rows, ids_fit
+from .tokens import aligned_rows, ids_fit, phrase_positions
 from .train import TrainConfig
 
 #: progress(stage, done, total, info) — stage in {"preservation", "refine", "data", "train", "fuse"}
@@ -55,7 +55,8 @@ class ErasureSettings:
     error over a group's tokens (``w = λ_ref · N_ref`` reproduces the reference; see
     ``mace_ops.concepts``). ``ridge`` is the absolute ``λ ||W - W_prev||²_F``; ``relative_ridge`` ε adds
     ``ε · tr(K)/d`` to it (``closed_form.effective_ridge``: the least-change solution where the tokens
-    leave directions undetermined). Defaults: 100 celebrities."""
+    leave directions undetermined). ``fusion_relative_ridge`` (None: ``relative_ridge``) is the fusion's
+    own ε; ``fusion_tokens`` picks the fusion's ``E_i`` (``concept_moments``). Defaults: 100 celebrities."""
 
     cfr_preserve: float = 0.4749
     cfr_retained: float = 0.0
@@ -63,6 +64,8 @@ class ErasureSettings:
     fusion_retained: float = 0.0
     ridge: float = 0.0
     relative_ridge: float = 1e-6
+    fusion_relative_ridge: float | None = None
+    fusion_tokens: str = "all"
     n_images: int = 8
     sample_steps: int = 30
     cfg: float = 7.5
@@ -92,6 +95,10 @@ class ErasureSettings:
             train=train,
         )
         return dataclasses.replace(settings, **overrides)
+
+    def fusion_ridge_epsilon(self) -> float:
+        """The fusion's relative ridge ε: ``fusion_relative_ridge``, or ``relative_ridge`` when unset."""
+        return self.relative_ridge if self.fusion_relative_ridge is None else self.fusion_relative_ridge
 
     def as_metadata(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -213,10 +220,29 @@ def concept_pair_moments(
     return cross, gram
 
 
-def concept_moments(host: Host, concept: Concept) -> SecondMoment:
-    """``G_i = Σ e eᵀ`` over all 77 positions of the concept's prompts (the fusion's ``E_i``)."""
-    emb = host.encode(concept_prompts(concept))  # (n, 77, d)
-    return SecondMoment(emb.shape[-1]).add(emb)
+FUSION_TOKENS = ("all", "phrase")
+
+
+def concept_moments(host: Host, concept: Concept, tokens: str = "all") -> SecondMoment:
+    """``G_i = Σ_{e∈E_i} e eᵀ`` over the concept's prompts (the fusion's ``E_i``): every position
+    (``tokens="all"``, the reference) or only the positions of the phrase's own tokens (``"phrase"``:
+    the template words, the end token and the padding, which every prompt shares, are then held by the
+    preservation term and the ridge instead of being asked to carry the concept's LoRA)."""
+    if tokens not in FUSION_TOKENS:
+        raise MaceError(f"fusion_tokens {tokens!r}: use one of {', '.join(FUSION_TOKENS)}")
+    prompts = concept_prompts(concept)
+    emb = host.encode(prompts)  # (n, L, d)
+    if tokens == "all":
+        return SecondMoment(emb.shape[-1]).add(emb)
+    phrase_ids = host.token_ids([concept.phrase])[0]
+    rows = []
+    for e, ids in zip(emb, host.token_ids(prompts), strict=True):
+        where = phrase_positions(ids, phrase_ids)
+        if not where:
+            raise MaceError(f"concept {concept.phrase!r}: its tokens are not found in the prompt "
+                            f"{prompts[len(rows)]!r}; use fusion_tokens='all'")
+        rows.append(e[where])  # (k, d)
+    return SecondMoment(emb.shape[-1]).add(torch.cat(rows))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -261,11 +287,13 @@ def fuse_weights(
     original: Mapping[str, Tensor] | None = None,
     progress: Progress | None = None,
     check_interrupt: Interrupt | None = None,
+    tokens: str = "all",
 ) -> dict[str, Tensor]:
     """Stage 3: closed-form fusion of every concept's LoRA into the refined weights (DESIGN 2.4).
 
     ``host`` is the ORIGINAL model (its to_k/to_v are ``W0`` unless ``original`` is given); ``refined``
-    is ``W1``; each concept's LoRA is looked up in ``bank`` by phrase. Solved in float64; the results are
+    is ``W1``; each concept's LoRA is looked up in ``bank`` by phrase; ``tokens``: which positions form
+    ``E_i`` (``concept_moments``). Solved in float64; the results are
     float32 whatever the model's dtype."""
     emit, check = progress or _no_progress, check_interrupt or _no_interrupt
     missing = [c.phrase for c in concepts if c.phrase not in bank.concepts]
@@ -275,7 +303,7 @@ def fuse_weights(
     problem = FusionProblem(float32_weights(refined), W0, preserve, ridge, relative_ridge=relative_ridge)
     for i, concept in enumerate(concepts):
         check()
-        problem.add_concept(concept_moments(host, concept), bank.factors(bank.index(concept.phrase)))
+        problem.add_concept(concept_moments(host, concept, tokens), bank.factors(bank.index(concept.phrase)))
         emit("fuse", i + 1, len(concepts), {"concept": concept.phrase})
     return problem.solve()
 
@@ -327,7 +355,8 @@ def run_erasure(
                                  check_interrupt)
     fused = fuse_weights(
         host, refined, bank, concepts, stats.groups(settings.fusion_preserve, settings.fusion_retained),
-        settings.ridge, relative_ridge=settings.relative_ridge, original=original, progress=emit, check_interrupt=check_interrupt,
+        settings.ridge, relative_ridge=settings.fusion_ridge_epsilon(), original=original, progress=emit,
+        check_interrupt=check_interrupt, tokens=settings.fusion_tokens,
     )
     return _erasure(host, fused, concepts, settings, losses)
 

@@ -150,3 +150,34 @@ def test_mixed_kinds_in_one_list_each_concept_uses_its_own_kind(tiny_host):
     bank, losses = train_concept_loras(tiny_host, data, TrainConfig(steps=2))
     assert set(losses) == {"Taylor Swift", "Van Gogh"}
     assert all(len(v) == 2 and all(torch.isfinite(torch.tensor(v))) for v in losses.values())
+
+
+def test_phrase_token_moments_sum_only_the_phrase_positions(tiny_host):
+    """fusion_tokens='phrase': G_i sums e eᵀ over the phrase's own positions, found here independently
+    from each template's prefix (start token + the prefix's tokens, then the phrase's tokens)."""
+    from mace_ops.concepts import templates_for
+    from mace_ops.pipeline import concept_moments
+
+    concept = Concept("Taylor Swift", "a person", "object")
+    n_phrase = tiny_host.token_ids([concept.phrase])[0].index(49407) - 1  # tokens between start and end
+    brute = torch.zeros(768, 768, dtype=F64)
+    tokens = 0
+    for t in templates_for(concept.kind):
+        prefix = t.split("{}")[0].strip()
+        start = 1 + (sum(1 for i in tiny_host.token_ids([prefix])[0][1:] if i != 49407) if prefix else 0)
+        e = tiny_host.encode([t.format(concept.phrase)])[0].to(F64)  # (77, 768)
+        for j in range(start, start + n_phrase):
+            brute += torch.outer(e[j], e[j])
+            tokens += 1
+    got = concept_moments(tiny_host, concept, "phrase")
+    assert got.count == tokens
+    torch.testing.assert_close(got.sum, brute, rtol=1e-9, atol=1e-6)
+    full = concept_moments(tiny_host, concept)
+    assert full.count == 77 * len(templates_for(concept.kind))
+    with pytest.raises(MaceError, match="fusion_tokens 'words'"):
+        concept_moments(tiny_host, concept, "words")
+
+
+def test_fusion_relative_ridge_defaults_to_the_shared_one():
+    assert ErasureSettings(relative_ridge=1e-4).fusion_ridge_epsilon() == 1e-4
+    assert ErasureSettings(relative_ridge=1e-4, fusion_relative_ridge=1e-2).fusion_ridge_epsilon() == 1e-2
