@@ -28,6 +28,7 @@ from torch import Tensor
 
 from .closed_form import FusionProblem, Preservation, refine_cross_attention
 from .concepts import Concept, Preset, concept_prompt_pairs, concept_prompts
+from .erasure import Erasure
 from .errors import MaceError
 from .hosts.base import Host
 from .lora import LoRABank
@@ -97,23 +98,6 @@ class ErasureSettings:
         d = dataclasses.asdict(self)
         d["train"] = self.train.result_dict()
         return d
-
-
-@dataclass
-class Erasure:
-    """The product of a run: the new to_k/to_v matrices and their provenance (MACE_ERASURE)."""
-
-    weights: dict[str, Tensor]  # "<block>.to_k" -> (d_out, d_ctx), float32, CPU
-    base_fingerprint: str  # Host.model_fingerprint() of the ORIGINAL model
-    concepts: list[Concept]
-    metadata: dict[str, Any] = field(default_factory=dict)  # settings, losses
-
-    def diffs(self, original: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """``W_new - W0`` per matrix (what the erasure file stores)."""
-        missing = sorted(set(self.weights) - set(original))
-        if missing:
-            raise MaceError(f"the model lacks the erased matrices {missing[:3]}: is it the erasure's base model?")
-        return {k: (w.float().cpu() - original[k].float().cpu()) for k, w in self.weights.items()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -334,12 +318,8 @@ def run_erasure(
 
 def _erasure(host: Host, weights: Mapping[str, Tensor], concepts: list[Concept], settings: ErasureSettings,
              losses: Mapping[str, Any]) -> Erasure:
-    return Erasure(
-        weights={k: v.detach().float().cpu() for k, v in weights.items()},
-        base_fingerprint=host.model_fingerprint(),
-        concepts=concepts,
-        metadata={"settings": settings.as_metadata(), "losses": dict(losses)},
-    )
+    return Erasure.build(weights, base_fingerprint=host.model_fingerprint(), concepts=concepts, source="run_erasure",
+                         settings=settings.as_metadata(), losses=losses)
 
 
 def _train_here(

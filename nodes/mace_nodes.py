@@ -378,9 +378,10 @@ class MaceFuseLoRAs:
         }
 
     def fuse(self, refined_model, clip, lora_bank, preservation, preserve_weight, retained_weight, ridge):
+        from mace_ops.erasure import Erasure
         from mace_ops.errors import MaceError
         from mace_ops.hosts.comfy import ComfyHost
-        from mace_ops.pipeline import Erasure, ErasureSettings, fuse_weights
+        from mace_ops.pipeline import ErasureSettings, fuse_weights
 
         from .host import Progress, check_interrupt
 
@@ -401,13 +402,9 @@ class MaceFuseLoRAs:
         progress = Progress({"fuse": len(bv.concepts)})
         fused = fuse_weights(host, refined, bv.bank, bv.concepts, pv.statistics.groups(wp, wr), lam,
                              original=original, progress=progress.pipeline, check_interrupt=check_interrupt)
-        erasure = Erasure(
-            weights={k: v.detach().float().cpu() for k, v in fused.items()},
-            base_fingerprint=host.model_fingerprint(),
-            concepts=list(bv.concepts),
-            metadata={"fusion": {"preserve_weight": wp, "retained_weight": wr, "ridge": lam},
-                      "losses": bv.losses, "host": "comfyui"},
-        )
+        erasure = Erasure.build(fused, base_fingerprint=host.model_fingerprint(), concepts=bv.concepts,
+                                source="fuse_weights", settings={"preserve_weight": wp, "retained_weight": wr,
+                                                                 "ridge": lam}, losses=bv.losses)
         erased = host.with_weights(erasure.weights)
         return (erased.model, ErasureValue(erasure, erasure.diffs(original)))
 
@@ -453,9 +450,9 @@ class MaceFuseExternalLoRAs:
 
     def fuse(self, model, clip, concepts, preservation, lora_files, allow_other_modules, preserve_weight,
              retained_weight, ridge):
+        from mace_ops.erasure import Erasure
         from mace_ops.external_lora import external_fusion_metadata, fuse_external_loras, read_external_lora
         from mace_ops.hosts.comfy import ComfyHost
-        from mace_ops.pipeline import Erasure
 
         from .host import Progress, resolve_lora_file
 
@@ -472,12 +469,10 @@ class MaceFuseExternalLoRAs:
         progress = Progress({"fuse": len(cv.concepts)})
         fused = fuse_external_loras(host, cv.concepts, loras, pv.statistics.groups(wp, wr), lam, base=current,
                                     original=original, relative_ridge=s.relative_ridge, progress=progress.pipeline)
-        erasure = Erasure(
-            weights={k: v.detach().float().cpu() for k, v in fused.items()},
-            base_fingerprint=host.model_fingerprint(),
-            concepts=list(cv.concepts),
-            metadata=external_fusion_metadata(loras, cv.concepts, preserve_weight=wp, retained_weight=wr, ridge=lam),
-        )
+        erasure = Erasure.build(fused, base_fingerprint=host.model_fingerprint(), concepts=cv.concepts,
+                                source="fuse_external_loras",
+                                **external_fusion_metadata(loras, cv.concepts, preserve_weight=wp,
+                                                           retained_weight=wr, ridge=lam))
         report = "\n".join(
             f"{c.phrase} ({c.kind}): {lora.summary()['file']}, {lora.style} keys, {len(lora.used)} to_k/to_v"
             + (f"; ignored {len(lora.ignored)}: {', '.join(lora.ignored)}" if lora.ignored else "")
@@ -505,9 +500,9 @@ class MaceApplyErasure:
         }
 
     def apply(self, model, erasure, strength):
+        from mace_ops.erasure import apply_erasure_weights
         from mace_ops.errors import MaceError
         from mace_ops.hosts.comfy import ComfyHost
-        from mace_ops.io import apply_erasure_weights
 
         ev = _need(erasure, ErasureValue, "erasure", "Fuse LoRAs or Load Erasure")
         host = ComfyHost(model)
@@ -543,7 +538,7 @@ class MaceSaveErasure:
     def save(self, erasure, filename_prefix):
         import os
 
-        from mace_ops.io import save_erasure_diffs
+        from mace_ops.erasure import save_erasure_diffs
 
         from .host import new_output_path, output_dir
 
@@ -588,7 +583,7 @@ class MaceLoadErasure:
         return f"{path}:{st.st_mtime_ns}:{st.st_size}"
 
     def load(self, erasure_file):
-        from mace_ops.io import load_erasure
+        from mace_ops.erasure import load_erasure
 
         from .host import resolve_erasure_file
 
