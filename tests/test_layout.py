@@ -1,5 +1,5 @@
 """The layout of ``mace_ops``, read from its source with ``ast``: no import cycle (lazy imports inside
-functions count too), the bottom layer imports nothing of ours, and no function is over the length limit.
+functions count too), the bottom layer imports nothing of ours, and no function is over ``MAX_FUNCTION_LINES``.
 
 The graph is built independently of Python's import machinery: every ``import``/``from ... import`` in a
 module's syntax tree that names a module of the package is an edge; a cycle is any strongly connected
@@ -14,6 +14,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "mace_ops"
 #: modules every other module may import: they import nothing of ``mace_ops`` but each other as listed
 BOTTOM = {"mace_ops.errors": set(), "mace_ops.io": {"mace_ops.errors"}}
+#: the hard limit of the code rules (the aim is ~60): lines from ``def`` to the function's last line
+MAX_FUNCTION_LINES = 80
 
 
 def _modules() -> dict[str, Path]:
@@ -110,3 +112,32 @@ def test_bottom_layer_imports_nothing_of_ours():
     graph = import_graph()
     for name, allowed in BOTTOM.items():
         assert graph[name] <= allowed, f"{name} imports {sorted(graph[name] - allowed)}"
+
+
+def function_lengths(source: str) -> dict[str, int]:
+    """``{qualified name: lines}`` of every function and method in ``source`` (nested ones too)."""
+    out: dict[str, int] = {}
+
+    def visit(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                name = f"{prefix}{child.name}"
+                if not isinstance(child, ast.ClassDef):
+                    out[name] = child.end_lineno - child.lineno + 1
+                visit(child, name + ".")
+            else:
+                visit(child, prefix)
+
+    visit(ast.parse(source), "")
+    return out
+
+
+def test_function_lengths_are_measured_from_def_to_last_line():
+    source = "class A:\n    def f(self):\n\n        return 1\n\n\ndef g():\n    def h():\n        pass\n    return h\n"
+    assert function_lengths(source) == {"A.f": 3, "g": 4, "g.h": 2}
+
+
+def test_no_function_in_mace_ops_is_over_the_limit():
+    long = {f"{name}.{fn}": n for name, path in _modules().items()
+            for fn, n in function_lengths(path.read_text(encoding="utf-8")).items() if n > MAX_FUNCTION_LINES}
+    assert long == {}, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
