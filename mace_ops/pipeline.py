@@ -33,12 +33,11 @@ from .errors import MaceError
 from .hosts.base import Host
 from .lora import LoRABank
 from .preservation import cached_preservation_moments, default_corpus, preservation_moments
+from .progress import ProgressCallback
 from .statistics import SecondMoment
 from .tokens import aligned_rows, ids_fit
 from .train import TrainConfig
 
-#: progress(stage, done, total, info) — stage in {"preservation", "refine", "data", "train", "fuse"}
-Progress = Callable[[str, int, int, Mapping[str, Any]], None]
 Interrupt = Callable[[], None]
 
 
@@ -126,7 +125,7 @@ def preservation_statistics(
     retained: Sequence[str] = (),
     *,
     cache_dir: str | os.PathLike[str] | None = None,
-    progress: Progress | None = None,
+    progress: ProgressCallback | None = None,
     check_interrupt: Interrupt | None = None,
 ) -> PreservationStatistics:
     """``Σ e eᵀ`` over all 77 positions of every preservation prompt (default: our corpus) and of the
@@ -167,7 +166,7 @@ def concept_pair_moments(
     host: Host,
     concepts: Sequence[Concept],
     *,
-    progress: Progress | None = None,
+    progress: ProgressCallback | None = None,
     check_interrupt: Interrupt | None = None,
 ) -> tuple[SecondMoment, SecondMoment]:
     """CFR statistics over the aligned token pairs of every concept prompt and its anchor twin:
@@ -223,7 +222,7 @@ def refine_weights(
     *,
     relative_ridge: float = 1e-6,
     original: Mapping[str, Tensor] | None = None,
-    progress: Progress | None = None,
+    progress: ProgressCallback | None = None,
     check_interrupt: Interrupt | None = None,
 ) -> dict[str, Tensor]:
     """Stage 1, CFR: ``{name: W0 · M}`` for every to_k/to_v of ``host`` (DESIGN 2.2); ``W0`` is the host's
@@ -243,7 +242,7 @@ def fuse_weights(
     *,
     relative_ridge: float = 1e-6,
     original: Mapping[str, Tensor] | None = None,
-    progress: Progress | None = None,
+    progress: ProgressCallback | None = None,
     check_interrupt: Interrupt | None = None,
 ) -> dict[str, Tensor]:
     """Stage 3: closed-form fusion of every concept's LoRA into the refined weights (DESIGN 2.4).
@@ -274,7 +273,7 @@ def run_erasure(
     user_images: Mapping[str, Tensor] | None = None,
     user_masks: Mapping[str, Tensor] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
-    progress: Progress | None = None,
+    progress: ProgressCallback | None = None,
     check_interrupt: Interrupt | None = None,
     engine: Any = None,
 ) -> Erasure:
@@ -325,7 +324,7 @@ def _erasure(host: Host, weights: Mapping[str, Tensor], concepts: list[Concept],
 def _train_here(
     host: Host, concepts: list[Concept], refined: Mapping[str, Tensor], settings: ErasureSettings,
     user_images: Mapping[str, Tensor] | None, user_masks: Mapping[str, Tensor] | None, cache: Path | None,
-    emit: Progress, check_interrupt: Interrupt | None,
+    emit: ProgressCallback, check_interrupt: Interrupt | None,
 ) -> tuple[LoRABank, dict[str, list[float]]]:
     """Training data and LoRAs in this process (batched: ``settings.train.concepts_per_batch``)."""
     from .data import generate_training_data
@@ -349,7 +348,7 @@ def _train_here(
 def _train_on(
     engine: Any, host: Host, concepts: list[Concept], refined: Mapping[str, Tensor], settings: ErasureSettings,
     user_images: Mapping[str, Tensor] | None, user_masks: Mapping[str, Tensor] | None, cache: Path | None,
-    emit: Progress, check_interrupt: Interrupt | None,
+    emit: ProgressCallback, check_interrupt: Interrupt | None,
 ) -> tuple[LoRABank, dict[str, list[float]]]:
     """Training data and LoRAs per concept on the engine's workers (``mace_ops.engines``)."""
     from .concept_task import DataSettings

@@ -1,14 +1,19 @@
-"""Progress on a terminal: one tqdm bar per pipeline stage (the concept and loss shown as postfix)."""
+"""Progress of a run: the callback type of every stage-level reporter, and its terminal form
+(one tqdm bar per pipeline stage, the concept and loss shown as postfix)."""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
+
+#: ``progress(stage, done, total, info)``: ``done`` of ``total`` units of ``stage`` ("preservation",
+#: "refine", "data", "train", "fuse", "probe", ...) are finished; ``info`` may carry "concept", "loss".
+ProgressCallback = Callable[[str, int, int, Mapping[str, Any]], None]
 
 
 class StageProgress:
-    """A ``pipeline.Progress`` callback drawing one tqdm bar per stage (the concept and loss shown as postfix)."""
+    """A ``ProgressCallback`` drawing one tqdm bar per stage (the concept and loss shown as postfix)."""
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
@@ -39,4 +44,4 @@ class StageProgress:
         self.stage = None
 
 
-__all__ = ["StageProgress"]
+__all__ = ["ProgressCallback", "StageProgress"]
