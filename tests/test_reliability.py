@@ -1,7 +1,8 @@
 """Reliability (issue 7): bad input -> a MaceError naming the input and the fix, nothing changed; faults
 (interrupts, crashes, full disks, foreign or hostile files) lose nothing finished and never touch the host.
 
-Cases already covered elsewhere are listed in tests/RELIABILITY_TABLE.md; this file holds the rest.
+Cases already covered elsewhere are listed in the README's "What happens when ..." table (its "Proved by"
+column); this file holds the rest.
 """
 
 from __future__ import annotations
