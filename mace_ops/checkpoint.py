@@ -41,11 +41,12 @@ from torch import Tensor, nn
 from .errors import MaceError
 from .io import atomic_save_safetensors, check_safetensors_file, read_safetensors
 
-UNET_PREFIX = "model.diffusion_model."
+#: key prefix of the UNet in a single-file (LDM) checkpoint; ComfyUI's in-memory model drops the "model."
+CHECKPOINT_UNET_PREFIX = "model.diffusion_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 VAE_PREFIX = "first_stage_model."
 CONFIG_METADATA_KEY = "mace.sd_configs"
-_PROBE_KEY = UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+_PROBE_KEY = CHECKPOINT_UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
 SD1_CONTEXT_DIM = 768
 
 
@@ -161,7 +162,7 @@ def sd1_state_dict(unet: nn.Module, text_encoder: nn.Module, vae: nn.Module) -> 
     out: dict[str, Tensor] = {}
     usd = {k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
     for k, ldm in unet_ldm_names(list(usd), unet.config).items():
-        out[UNET_PREFIX + ldm] = usd[k]
+        out[CHECKPOINT_UNET_PREFIX + ldm] = usd[k]
     vsd = {k: v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}
     for k, ldm in vae_ldm_names(list(vsd), vae.config).items():
         t = vsd[k]
@@ -233,13 +234,13 @@ def refused_model(keys: list[str], slice_shape: Any) -> str | None:
     def has(prefix: str) -> bool:
         return any(k.startswith(prefix) for k in keys)
 
-    if has(UNET_PREFIX + "joint_blocks.") or has("joint_blocks."):
+    if has(CHECKPOINT_UNET_PREFIX + "joint_blocks.") or has("joint_blocks."):
         return "an SD3/SD3.5 (MMDiT) checkpoint: it has no cross-attention (text enters by joint attention)"
-    if has(UNET_PREFIX + "double_blocks.") or has("double_blocks."):
+    if has(CHECKPOINT_UNET_PREFIX + "double_blocks.") or has("double_blocks."):
         return "a FLUX checkpoint: it has no cross-attention (text enters by joint attention)"
     if has("conditioner.embedders.0.model.") and not has("conditioner.embedders.1."):
         return "an SDXL refiner (OpenCLIP-bigG only, aesthetic-score conditioning): erase from the SDXL base model"
-    conv_in = UNET_PREFIX + "input_blocks.0.0.weight"
+    conv_in = CHECKPOINT_UNET_PREFIX + "input_blocks.0.0.weight"
     if conv_in in keys:
         shape = slice_shape(conv_in)
         if len(shape) == 4 and shape[1] == 9:
@@ -254,7 +255,7 @@ def _check_sd1_file(path: str, keys: list[str], slice_shape: Any) -> None:
     refused = refused_model(keys, slice_shape)
     if refused:
         raise MaceError(f"{where} is {refused}; MACE edits SD1.x, SD2.x and SDXL base models only")
-    if not any(k.startswith(UNET_PREFIX) for k in keys):
+    if not any(k.startswith(CHECKPOINT_UNET_PREFIX) for k in keys):
         if any(k.startswith(("lora_", "diffusion_model.")) for k in keys) or any(".lora_" in k for k in keys[:50]):
             raise MaceError(f"{where} looks like a LoRA or erasure file, not a full model; give an SD1.x checkpoint")
         raise MaceError(f"{where} has no model.diffusion_model.* tensors: not a Stable Diffusion single-file "
@@ -335,7 +336,7 @@ def load_sd1_modules(path: str | os.PathLike[str]) -> tuple[nn.Module, nn.Module
             keys = list(f.keys())
             meta = dict(f.metadata() or {})
             _check_sd1_file(path, keys, lambda k: f.get_slice(k).get_shape())
-            ckpt = {k: _float(f.get_tensor(k)) for k in keys if k.startswith((UNET_PREFIX, CLIP_PREFIX, VAE_PREFIX))}
+            ckpt = {k: _float(f.get_tensor(k)) for k in keys if k.startswith((CHECKPOINT_UNET_PREFIX, CLIP_PREFIX, VAE_PREFIX))}
     except (SafetensorError, OSError, RuntimeError) as e:
         raise MaceError(f"checkpoint {path!r} is corrupt: {e}") from e
     configs = sd1_configs()
@@ -387,7 +388,7 @@ def _replace_cross_attention(sd: dict[str, Tensor], weights: Mapping[str, Tensor
     for name, w in weights.items():
         if not (name.endswith((".to_k", ".to_v")) and ".attn2." in f".{name}"):
             raise MaceError(f"{where}: {name!r} is not a cross-attention to_k/to_v matrix; only those are replaced")
-        key = f"{UNET_PREFIX}{name}.weight"
+        key = f"{CHECKPOINT_UNET_PREFIX}{name}.weight"
         if key not in sd:
             raise MaceError(f"{where}: the model has no tensor {key!r}; the weights were made for another model")
         old = sd[key]

@@ -35,14 +35,13 @@ from .concept_task import (
 from .concepts import Concept
 from .errors import MaceError
 from .lora import LoRABank
+from .progress import ProgressCallback
 from .train import TrainConfig
 
 #: on_step(phrase, step, loss): a worker finished step ``step`` (from 1) of a concept's training.
 OnStep = Callable[[str, int, float], None]
 #: on_done(task, outcomes): a task's results arrived on the driver.
 OnDone = Callable[[ConceptTask, list[ConceptOutcome]], None]
-#: progress(stage, done, total, info), as in ``mace_ops.pipeline``.
-Progress = Callable[[str, int, int, Mapping[str, object]], None]
 
 
 class Engine(Protocol):
@@ -114,7 +113,7 @@ def train_on_engine(
     user_masks: Mapping[str, Tensor] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     concepts_per_task: int = 1,
-    progress: Progress | None = None,
+    progress: ProgressCallback | None = None,
     check_interrupt: Callable[[], None] | None = None,
 ) -> tuple[LoRABank, dict[str, list[float]]]:
     """Train every concept's LoRA on ``engine``; returns the bank (rows in the order of ``concepts``)

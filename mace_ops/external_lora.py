@@ -259,8 +259,9 @@ def fuse_external_loras(
 
 
 def external_fusion_metadata(loras: Sequence[ExternalLoRA], concepts: Sequence[Any], **fusion: float) -> dict:
-    """The erasure metadata of a fusion of external LoRAs: the fusion weights and each file's summary."""
-    return {"fusion": dict(fusion), "external_loras": [
+    """``Erasure.build``'s ``settings`` (the fusion weights) and ``external_loras`` (each file's summary)
+    of a fusion of external LoRAs."""
+    return {"settings": dict(fusion), "external_loras": [
         {"concept": c.phrase, **lora.summary()} for c, lora in zip(concepts, loras, strict=True)]}
 
 

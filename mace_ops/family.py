@@ -15,6 +15,8 @@ SDXL's ``label_emb`` input (``adm``) is ``cat(pooled bigG (1280), 6 × Timestep(
 crop_w, target_h, target_w))``. SD2's final layer norm IS applied to the penultimate layer (ComfyUI's
 ``SD2ClipHModel`` keeps ``layer_norm_hidden_state=True``; diffusers ships a 23-layer encoder whose output
 goes through the final LN: the same states). SD2 768-v checkpoints predict v; SD2-base (512) predicts eps.
+All three train on the same noise schedule: ``train_steps`` = 1000, "scaled_linear" betas from
+``beta_start`` = 0.00085 to ``beta_end`` = 0.012 (ComfyUI's ``linear_start``/``linear_end``).
 Cross-attention blocks are never listed here: hosts enumerate them from the model.
 """
 
@@ -51,6 +53,9 @@ class ModelFamily:
     resolution: int  # default image side in pixels
     max_length: int = 77  # token positions per prompt (start + 75 + end)
     size_embed_dim: int = 0  # SDXL: each of the 6 size numbers goes through Timestep(256)
+    train_steps: int = 1000  # T of the training noise schedule
+    beta_start: float = 0.00085  # "scaled_linear": β_t = linspace(√beta_start, √beta_end, T)²
+    beta_end: float = 0.012
 
     @property
     def context_dim(self) -> int:

@@ -56,9 +56,9 @@ def _check_inputs(args: argparse.Namespace) -> tuple[Path, list]:
 
 def cmd_fuse(args: argparse.Namespace) -> int:
     from .checkpoint import load_sd1_host
+    from .erasure import Erasure, save_erasure
     from .external_lora import external_fusion_metadata, fuse_external_loras, read_external_lora
-    from .io import save_erasure
-    from .pipeline import Erasure, preservation_statistics
+    from .pipeline import preservation_statistics
     from .preservation import read_prompt_file
 
     checkpoint, concepts = _check_inputs(args)
@@ -72,12 +72,10 @@ def cmd_fuse(args: argparse.Namespace) -> int:
         _say(args, f"{c.phrase!r}: {Path(lora.path).name} ({lora.style} keys), {len(lora.used)} to_k/to_v{note}")
     stats = preservation_statistics(host, preserve)
     fused = fuse_external_loras(host, concepts, loras, stats.groups(args.preserve_weight), args.ridge)
-    erasure = Erasure(
-        weights={k: v.detach().float().cpu() for k, v in fused.items()},
-        base_fingerprint=host.model_fingerprint(),
-        concepts=list(concepts),
-        metadata=external_fusion_metadata(loras, concepts, preserve_weight=args.preserve_weight, ridge=args.ridge),
-    )
+    erasure = Erasure.build(fused, base_fingerprint=host.model_fingerprint(), concepts=concepts,
+                            source="fuse_external_loras",
+                            **external_fusion_metadata(loras, concepts, preserve_weight=args.preserve_weight,
+                                                       ridge=args.ridge))
     written = save_erasure(erasure, original, args.out)
     print(f"wrote {written}: {len(concepts)} LoRA(s) fused into {len(fused)} cross-attention matrices")
     return 0

@@ -1,27 +1,17 @@
-"""Files, safely: atomic safetensors writes, checked reads, and the erasure file.
+"""Files, safely: atomic safetensors and text writes, and checked safetensors reads.
 
 Writes go to a temporary file in the target folder, then are moved into place, so a failed write
 (full disk, interrupt) never leaves a partial file and an existing file is never overwritten unless
 asked. Reads refuse pickles and zip checkpoints by their first bytes (nothing is ever unpickled)
 and name the file and what is wrong with it when it is truncated or corrupt.
 
-Erasure file (``save_erasure``): only the changed matrices, as differences ``W_new - W0``, under
-the key form that ComfyUI's stock LoRA loader applies as a full-weight difference::
-
-    diffusion_model.<block>.to_k.diff      (d_out, d_ctx) float32
-    diffusion_model.<block>.to_v.diff
-
-(``comfy/lora.py``: ``model_lora_keys_unet`` maps ``diffusion_model.<path>`` -> ``<path>.weight``
-and ``load_lora`` turns ``<key>.diff`` into a ``("diff", ...)`` patch, i.e. ``W = W0 + s·diff``.)
-Metadata (all strings): ``mace.format`` = ``"mace-erasure"``, ``mace.format_version``,
-``mace.base_fingerprint``, ``mace.concepts`` (json list of {phrase, anchor, kind}), ``mace.matrices``
-(json {name: [d_out, d_ctx]}), ``mace.settings`` (json of ``Erasure.metadata``).
+The bottom layer: it imports nothing of ``mace_ops`` but ``errors`` (which imports nothing), so every
+module may use it. The erasure file format lives in ``mace_ops.erasure``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import json
 import os
@@ -29,19 +19,12 @@ import struct
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
-import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
 from .errors import MaceError
-
-ERASURE_FORMAT = "mace-erasure"
-ERASURE_FORMAT_VERSION = 1
-UNET_PREFIX = "diffusion_model."
-DIFF_SUFFIX = ".diff"
 
 # First bytes of files we refuse without reading further.
 _PICKLE_MAGIC = b"\x80"  # pickle protocol >= 2 (torch.save legacy format, .ckpt/.pt/.bin)
@@ -256,161 +239,11 @@ def read_safetensors(path: str | os.PathLike[str], what: str = "file") -> tuple[
     return tensors, meta
 
 
-# ---------------------------------------------------------------- erasure file
-
-
-def erasure_key(name: str) -> str:
-    """``<block>.to_k`` -> ``diffusion_model.<block>.to_k.diff`` (ComfyUI's generic diff key)."""
-    return f"{UNET_PREFIX}{name}{DIFF_SUFFIX}"
-
-
-def matrix_name(key: str) -> str:
-    """Inverse of ``erasure_key``; ``MaceError`` for any other key."""
-    if not (key.startswith(UNET_PREFIX) and key.endswith(DIFF_SUFFIX)):
-        raise MaceError(f"erasure file key {key!r} is not of the form diffusion_model.<block>.to_k.diff")
-    name = key[len(UNET_PREFIX) : -len(DIFF_SUFFIX)]
-    if not (name.endswith(".to_k") or name.endswith(".to_v")):
-        raise MaceError(f"erasure file key {key!r} is not a cross-attention to_k/to_v matrix")
-    return name
-
-
-def concept_dicts(concepts: list) -> list[dict[str, str]]:
-    out = []
-    for c in concepts:
-        if dataclasses.is_dataclass(c):
-            d = dataclasses.asdict(c)
-        elif isinstance(c, Mapping):
-            d = dict(c)
-        else:
-            d = {"phrase": str(c)}
-        out.append({k: d[k] for k in ("phrase", "anchor", "kind") if k in d})
-    return out
-
-
-def _to_concepts(items: list[dict[str, str]]) -> list:
-    from .concepts import Concept  # here, not at the top: concepts -> tokens -> io
-
-    return [Concept(d["phrase"], d.get("anchor", ""), d.get("kind", "object")) for d in items]
-
-
-def save_erasure(erasure: Any, original_weights: Mapping[str, Tensor], path: str | os.PathLike[str], *,
-                 overwrite: bool = False) -> Path:
-    """Write ``erasure`` as differences to ``original_weights`` (only matrices that changed).
-
-    ``diff[name] = W_new - W0`` in float32, key ``diffusion_model.<name>.diff``.
-    """
-    missing = sorted(set(erasure.weights) - set(original_weights))
-    if missing:
-        raise MaceError(f"erasure has matrices the base model lacks ({missing[0]!r}, {len(missing)} in all); "
-                        "save it with the weights of the model it was made for")
-    return save_erasure_diffs(erasure.diffs(original_weights), erasure, path, overwrite=overwrite)
-
-
-def save_erasure_diffs(diffs: Mapping[str, Tensor], erasure: Any, path: str | os.PathLike[str], *,
-                       overwrite: bool = False) -> Path:
-    """Write differences ``W_new - W0`` already at hand (e.g. a loaded erasure's) with ``erasure``'s
-    fingerprint, concepts and metadata; the format of ``save_erasure``."""
-    tensors = {erasure_key(n): d for n, d in sorted(diffs.items()) if bool(torch.any(d != 0))}
-    meta = {
-        "mace.format": ERASURE_FORMAT,
-        "mace.format_version": str(ERASURE_FORMAT_VERSION),
-        "mace.base_fingerprint": str(erasure.base_fingerprint),
-        "mace.concepts": json.dumps(concept_dicts(list(erasure.concepts))),
-        "mace.matrices": json.dumps({n: list(diffs[n].shape) for n in sorted(diffs)}),
-        "mace.settings": json.dumps(erasure.metadata, default=str, sort_keys=True),
-    }
-    return atomic_save_safetensors(tensors, path, meta, overwrite=overwrite)
-
-
-def load_erasure(
-    path: str | os.PathLike[str],
-    *,
-    original_weights: Mapping[str, Tensor] | None = None,
-    expected_fingerprint: str | None = None,
-) -> tuple[Any, dict[str, Tensor]]:
-    """Read an erasure file: ``(Erasure, diffs)`` with ``diffs`` keyed ``<block>.to_k``.
-
-    With ``original_weights`` the Erasure's weights are ``W0 + diff`` (shapes checked), else
-    empty. ``expected_fingerprint`` refuses a file made for another base model.
-    """
-    from .pipeline import Erasure
-
-    tensors, meta = read_safetensors(path, "erasure file")
-    where = f"erasure file {str(path)!r}"
-    if meta.get("mace.format") != ERASURE_FORMAT:
-        raise MaceError(f"{where} is not a MACE erasure file (format {meta.get('mace.format')!r}); "
-                        "give a file written by MACE's save")
-    try:
-        version = int(meta.get("mace.format_version", "0"))
-        concepts = _to_concepts(json.loads(meta.get("mace.concepts", "[]")))
-        settings = json.loads(meta.get("mace.settings", "{}"))
-        shapes = dict(json.loads(meta.get("mace.matrices", "{}")))
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise MaceError(f"{where} has corrupt metadata ({type(e).__name__}: {e}); re-save it") from e
-    if version > ERASURE_FORMAT_VERSION:
-        raise MaceError(f"{where} has format version {version}, newer than this MACE ({ERASURE_FORMAT_VERSION}); "
-                        "update comfyui-mace")
-    fingerprint = meta.get("mace.base_fingerprint", "")
-    if expected_fingerprint is not None and fingerprint != expected_fingerprint:
-        raise MaceError(f"{where} was made for base model {fingerprint!r}, not this one ({expected_fingerprint!r}); "
-                        "apply it to the model it was made for")
-    diffs: dict[str, Tensor] = {}
-    for key, t in tensors.items():
-        try:
-            name = matrix_name(key)
-        except MaceError as e:
-            raise MaceError(f"{where}: {e}; the file is corrupt or not an erasure file") from None
-        if t.ndim != 2 or not t.is_floating_point():
-            raise MaceError(f"{where}: {key!r} is not a 2-D float matrix; the file is corrupt")
-        if name in shapes and list(t.shape) != list(shapes[name]):
-            raise MaceError(f"{where}: {key!r} has shape {list(t.shape)} but its metadata says {shapes[name]}")
-        if not bool(torch.isfinite(t).all()):
-            raise MaceError(f"{where}: {key!r} contains NaN or Inf; the file is corrupt, re-create it")
-        diffs[name] = t.float()
-    weights: dict[str, Tensor] = {}
-    if original_weights is not None:
-        try:
-            full = apply_erasure_weights(original_weights, diffs, 1.0)
-        except MaceError as e:
-            raise MaceError(f"{where}: {e}") from None
-        weights = {n: full[n].float() for n in diffs}
-    erasure = Erasure(weights=weights, base_fingerprint=fingerprint, concepts=concepts, metadata=settings)
-    return erasure, diffs
-
-
-def apply_erasure_weights(
-    original: Mapping[str, Tensor], diffs: Mapping[str, Tensor], strength: float = 1.0
-) -> dict[str, Tensor]:
-    """``W0 + strength · diff`` for every matrix of ``original`` (untouched ones copied), dtype kept."""
-    unknown = sorted(set(diffs) - set(original))
-    if unknown:
-        raise MaceError(f"erasure changes {unknown[0]!r}, which this model does not have ({len(unknown)} unknown "
-                        "matrices): it was made for another model")
-    out: dict[str, Tensor] = {}
-    for name, w in original.items():
-        if name not in diffs:
-            out[name] = w.detach().clone()
-            continue
-        d = diffs[name]
-        if tuple(d.shape) != tuple(w.shape):
-            raise MaceError(f"erasure matrix {name!r} is {tuple(d.shape)} but the model's is {tuple(w.shape)}: "
-                            "it was made for another model")
-        out[name] = (w.detach().float() + float(strength) * d.to(w.device).float()).to(w.dtype)
-    return out
-
-
 __all__ = [
-    "ERASURE_FORMAT",
-    "ERASURE_FORMAT_VERSION",
-    "apply_erasure_weights",
     "atomic_save_safetensors",
+    "atomic_write_text",
     "check_safetensors_file",
-    "concept_dicts",
-    "erasure_key",
-    "load_erasure",
-    "matrix_name",
     "read_safetensors",
     "read_safetensors_metadata",
-    "save_erasure",
     "unique_path",
 ]

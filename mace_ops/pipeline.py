@@ -28,16 +28,16 @@ from torch import Tensor
 
 from .closed_form import FusionProblem, Preservation, refine_cross_attention
 from .concepts import Concept, Preset, concept_prompt_pairs, concept_prompts
+from .erasure import Erasure
 from .errors import MaceError
 from .hosts.base import Host
 from .lora import LoRABank
 from .preservation import cached_preservation_moments, default_corpus, preservation_moments
+from .progress import ProgressCallback
 from .statistics import SecondMoment
 from .tokens import aligned_rows, ids_fit, phrase_positions
 from .train import TrainConfig
 
-#: progress(stage, done, total, info) — stage in {"preservation", "refine", "data", "train", "fuse"}
-Progress = Callable[[str, int, int, Mapping[str, Any]], None]
 Interrupt = Callable[[], None]
 
 
@@ -106,23 +106,6 @@ class ErasureSettings:
         return d
 
 
-@dataclass
-class Erasure:
-    """The product of a run: the new to_k/to_v matrices and their provenance (MACE_ERASURE)."""
-
-    weights: dict[str, Tensor]  # "<block>.to_k" -> (d_out, d_ctx), float32, CPU
-    base_fingerprint: str  # Host.model_fingerprint() of the ORIGINAL model
-    concepts: list[Concept]
-    metadata: dict[str, Any] = field(default_factory=dict)  # settings, losses
-
-    def diffs(self, original: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """``W_new - W0`` per matrix (what the erasure file stores)."""
-        missing = sorted(set(self.weights) - set(original))
-        if missing:
-            raise MaceError(f"the model lacks the erased matrices {missing[:3]}: is it the erasure's base model?")
-        return {k: (w.float().cpu() - original[k].float().cpu()) for k, w in self.weights.items()}
-
-
 # --------------------------------------------------------------------------------------------------
 # Statistics
 
@@ -149,7 +132,7 @@ def preservation_statistics(
     retained: Sequence[str] = (),
     *,
     cache_dir: str | os.PathLike[str] | None = None,
-    progress: Progress | None = None,
+    progress: ProgressCallback | None = None,
     check_interrupt: Interrupt | None = None,
 ) -> PreservationStatistics:
     """``Σ e eᵀ`` over all 77 positions of every preservation prompt (default: our corpus) and of the
@@ -190,7 +173,7 @@ def concept_pair_moments(
     host: Host,
     concepts: Sequence[Concept],
     *,
-    progress: Progress | None = None,
+    progress: ProgressCallback | None = None,
     check_interrupt: Interrupt | None = None,
 ) -> tuple[SecondMoment, SecondMoment]:
     """CFR statistics over the aligned token pairs of every concept prompt and its anchor twin:
@@ -265,7 +248,7 @@ def refine_weights(
     *,
     relative_ridge: float = 1e-6,
     original: Mapping[str, Tensor] | None = None,
-    progress: Progress | None = None,
+    progress: ProgressCallback | None = None,
     check_interrupt: Interrupt | None = None,
 ) -> dict[str, Tensor]:
     """Stage 1, CFR: ``{name: W0 · M}`` for every to_k/to_v of ``host`` (DESIGN 2.2); ``W0`` is the host's
@@ -285,7 +268,7 @@ def fuse_weights(
     *,
     relative_ridge: float = 1e-6,
     original: Mapping[str, Tensor] | None = None,
-    progress: Progress | None = None,
+    progress: ProgressCallback | None = None,
     check_interrupt: Interrupt | None = None,
     tokens: str = "all",
 ) -> dict[str, Tensor]:
@@ -318,7 +301,7 @@ def run_erasure(
     user_images: Mapping[str, Tensor] | None = None,
     user_masks: Mapping[str, Tensor] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
-    progress: Progress | None = None,
+    progress: ProgressCallback | None = None,
     check_interrupt: Interrupt | None = None,
     engine: Any = None,
 ) -> Erasure:
@@ -363,18 +346,14 @@ def run_erasure(
 
 def _erasure(host: Host, weights: Mapping[str, Tensor], concepts: list[Concept], settings: ErasureSettings,
              losses: Mapping[str, Any]) -> Erasure:
-    return Erasure(
-        weights={k: v.detach().float().cpu() for k, v in weights.items()},
-        base_fingerprint=host.model_fingerprint(),
-        concepts=concepts,
-        metadata={"settings": settings.as_metadata(), "losses": dict(losses)},
-    )
+    return Erasure.build(weights, base_fingerprint=host.model_fingerprint(), concepts=concepts, source="run_erasure",
+                         settings=settings.as_metadata(), losses=losses)
 
 
 def _train_here(
     host: Host, concepts: list[Concept], refined: Mapping[str, Tensor], settings: ErasureSettings,
     user_images: Mapping[str, Tensor] | None, user_masks: Mapping[str, Tensor] | None, cache: Path | None,
-    emit: Progress, check_interrupt: Interrupt | None,
+    emit: ProgressCallback, check_interrupt: Interrupt | None,
 ) -> tuple[LoRABank, dict[str, list[float]]]:
     """Training data and LoRAs in this process (batched: ``settings.train.concepts_per_batch``)."""
     from .data import generate_training_data
@@ -398,7 +377,7 @@ def _train_here(
 def _train_on(
     engine: Any, host: Host, concepts: list[Concept], refined: Mapping[str, Tensor], settings: ErasureSettings,
     user_images: Mapping[str, Tensor] | None, user_masks: Mapping[str, Tensor] | None, cache: Path | None,
-    emit: Progress, check_interrupt: Interrupt | None,
+    emit: ProgressCallback, check_interrupt: Interrupt | None,
 ) -> tuple[LoRABank, dict[str, list[float]]]:
     """Training data and LoRAs per concept on the engine's workers (``mace_ops.engines``)."""
     from .concept_task import DataSettings

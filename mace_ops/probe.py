@@ -36,10 +36,10 @@ from .attacks import AttackPrompt, relearn
 from .concepts import templates_for
 from .errors import MaceError
 from .inversion import PLACEHOLDER, invert_concept, placeholder_embedding
+from .progress import ProgressCallback
 
 #: (phrase, images (B, 3, H, W) in [-1, 1]) -> recognised per image, or None when it cannot judge
 Judge = Callable[[str, Tensor], "list[bool] | None"]
-Progress = Callable[[str, int, int, Mapping[str, Any]], None]
 ATTACKS: tuple[str, ...] = ("own", "paraphrase", "files", "inversion", "relearning")
 #: below this recognition rate on the original model, a leak rate says little (the verdict says so)
 WEAK_ORIGINAL = 0.3
@@ -273,7 +273,7 @@ def _prompt_rows(original: Any, erased: Any, c: ProbeConcept, judge: Judge, s: P
 
 
 def _inversion_row(original: Any, erased: Any, c: ProbeConcept, judge: Judge, s: ProbeSettings, reference: Rate,
-                   grids: _Grids, progress: Progress | None) -> AttackRow:
+                   grids: _Grids, progress: ProgressCallback | None) -> AttackRow:
     """Invert ``c`` on the erased model from the original's images; sample the erased model with the token."""
     data = original.sample(_as_prompts(c.own_prompts()), s.inversion_images, s, s.seed + 10_000)
     report = None if progress is None else (lambda i, n, loss: progress(f"invert {c.phrase}"[:30], i, n,
@@ -300,7 +300,7 @@ def run_probe(
     relearn_prompts: Sequence[str] = (),
     control: ProbeConcept | None = None,
     grid_dir: Path | None = None,
-    progress: Progress | None = None,
+    progress: ProgressCallback | None = None,
     cache: dict | None = None,
 ) -> ProbeReport:
     """Every attack in ``settings.attacks`` on every concept; see the module docstring. ``cache``: a dict

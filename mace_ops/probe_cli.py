@@ -95,7 +95,7 @@ def _lines(path: str, what: str) -> list[str]:
 
 def nudenet_judge() -> tuple[Any, str]:
     """(judge, note): nudenet's exposed-part detections (score >= 0.6) for explicit phrases, else None."""
-    from .cli import NUDENET_THRESHOLD, _nudenet
+    from .evaluation import NUDENET_THRESHOLD, _nudenet
 
     detector, why = _nudenet()
     if detector is None:
@@ -123,7 +123,7 @@ def nudenet_judge() -> tuple[Any, str]:
 
 def _setup(args: argparse.Namespace) -> tuple[Any, Any, list, Any, list[str], Any, list[str]]:
     """(original, erased, concepts, judge, relearn prompts, control, notes)."""
-    from .io import load_erasure
+    from .erasure import load_erasure
     from .probe import ProbeConcept
 
     notes: list[str] = []
@@ -177,8 +177,8 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, list, Any, list[str], An
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from .cli import StageProgress
     from .probe import ProbeSettings, run_probe, write_probe_report
+    from .progress import StageProgress
 
     out = Path(args.out)
     check_new_folder(out)

@@ -24,6 +24,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -267,6 +268,158 @@ Mean anchor distance {s['mean_anchor_distance_before']:.3f} → {s['mean_anchor_
 """
 
 
+@dataclass
+class BeforeAfter:
+    """Images of the same prompts and seeds from the original and the erased model, with the attention
+    mass on each prompt's concept tokens. Prompts: ``(template(phrase), template(anchor))`` per imaged
+    concept, then the retained prompts."""
+
+    prompts: list[str]
+    positions: list[list[int]]  # concept token positions per prompt ([] for anchors and retained prompts)
+    before: list[Tensor] = field(default_factory=list)
+    after: list[Tensor] = field(default_factory=list)
+    mass_before: list[float] = field(default_factory=list)
+    mass_after: list[float] = field(default_factory=list)
+
+
+def sample_before_after(original_host: Any, erased_host: Any, imaged: Sequence[Concept], kept: Sequence[str], *,
+                        seed: int, steps: int, cfg: float, image_size: int, batch_size: int,
+                        progress: Callable[[int, int], None] | None = None) -> BeforeAfter:
+    """Generate every prompt with both hosts, ``batch_size`` prompts per sampler call; prompt ``k`` uses
+    seed ``seed + k`` in both."""
+    prompts: list[str] = []
+    positions: list[list[int]] = []
+    for c in imaged:
+        prompt, anchor_prompt = concept_prompt_pairs(c)[0]
+        ids = original_host.token_ids([prompt, c.phrase])
+        prompts += [prompt, anchor_prompt]
+        positions += [phrase_positions(ids[0], ids[1]), []]
+    prompts += list(kept)
+    positions += [[] for _ in kept]
+    out = BeforeAfter(prompts, positions)
+    chunks = range(0, len(prompts), max(1, batch_size))
+    for n, k in enumerate(chunks):
+        sl = slice(k, k + max(1, batch_size))
+        imgs, mass = _generate(original_host, prompts[sl], positions[sl], seed + k, steps, cfg, image_size)
+        out.before += list(imgs)
+        out.mass_before += mass
+        imgs, mass = _generate(erased_host, prompts[sl], positions[sl], seed + k, steps, cfg, image_size)
+        out.after += list(imgs)
+        out.mass_after += mass
+        if progress is not None:
+            progress(n + 1, len(chunks))
+    return out
+
+
+def _concept_rows(concepts: Sequence[Concept], metrics: Sequence[Mapping[str, Any]],
+                  losses: Mapping[str, list[float]], images: BeforeAfter,
+                  image_paths: Sequence[dict[str, str]]) -> list[dict[str, Any]]:
+    """One row per concept (worst ``remaining`` first): its kv metrics, loss curve and, for the first
+    ``len(image_paths)`` concepts, its prompts, image files and attention mass (else None)."""
+    rows = []
+    for i, (c, m) in enumerate(zip(concepts, metrics, strict=True)):
+        e = dict(m)
+        imaged = i < len(image_paths)
+        e.update(prompt=images.prompts[2 * i] if imaged else None,
+                 anchor_prompt=images.prompts[2 * i + 1] if imaged else None,
+                 images=image_paths[i] if imaged else None,
+                 concept_token_positions=images.positions[2 * i] if imaged else None,
+                 attention_mass_before=images.mass_before[2 * i] if imaged else None,
+                 attention_mass_after=images.mass_after[2 * i] if imaged else None)
+        curve = losses.get(c.phrase, [])
+        e.update(loss_first=curve[0] if curve else None, loss_last=curve[-1] if curve else None, losses=curve)
+        rows.append(e)
+    rows.sort(key=lambda r: -r["remaining"])  # worst first
+    return rows
+
+
+def _summary(rows: Sequence[Mapping[str, Any]], retained: Mapping[str, Any], n_retained: int,
+             seconds: float) -> dict[str, Any]:
+    def mean(key: str) -> float:
+        return float(np.mean([r[key] for r in rows])) if rows else 0.0
+
+    return {
+        "concepts": len(rows),
+        "mean_anchor_distance_before": mean("anchor_distance_before"),
+        "mean_anchor_distance_after": mean("anchor_distance_after"),
+        "mean_remaining": mean("remaining"),
+        "worst_concept": rows[0]["phrase"] if rows else None,
+        "retained_prompts": n_retained,
+        "retained_drift": retained["drift"],
+        "report_seconds": round(seconds, 3),
+    }
+
+
+DEFINITIONS = {
+    "anchor_distance": "mean over to_k/to_v matrices of ||E_f W^T - E_g W0^T||_F / ||E_g W0^T||_F on aligned "
+                       "token positions of the concept's prompt pairs; before W = W0, after W = W1",
+    "remaining": "anchor_distance_after / anchor_distance_before (0 = erased to the anchor, 1 = unchanged)",
+    "drift": "mean over matrices of ||E_p (W1 - W0)^T||_F / ||E_p W0^T||_F over all 77 positions",
+    "attention_mass": "mean over sampler steps, blocks, heads, pixels of the attention probability on the "
+                      "concept's tokens (conditional branch)",
+}
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def _report_folder(out_dir: str | os.PathLike[str]) -> Path:
+    out = Path(out_dir)
+    if (out / "report.json").exists():
+        raise MaceError(f"report folder {str(out)!r} already holds a report; choose another folder")
+    try:
+        (out / "images").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MaceError(f"cannot create report folder {str(out)!r} ({e.strerror or e}); choose a writable folder") from e
+    return out
+
+
+def _save_images(out: Path, images: BeforeAfter, n_imaged: int, n_kept: int
+                 ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """PNGs of every image; ``(concept paths, retained paths)``, each ``{key: path relative to out}``."""
+    concept_paths, retained_paths = [], []
+    for i in range(n_imaged):
+        paths = {}
+        for key, img in (("prompt_before", images.before[2 * i]), ("prompt_after", images.after[2 * i]),
+                         ("anchor_before", images.before[2 * i + 1]), ("anchor_after", images.after[2 * i + 1])):
+            paths[key] = f"images/concept{i:03d}_{key}.png"
+            save_png(img, out / paths[key])
+        concept_paths.append(paths)
+    for j in range(n_kept):
+        paths = {}
+        for key, img in (("before", images.before[2 * n_imaged + j]), ("after", images.after[2 * n_imaged + j])):
+            paths[key] = f"images/retained{j:03d}_{key}.png"
+            save_png(img, out / paths[key])
+        retained_paths.append(paths)
+    return concept_paths, retained_paths
+
+
+def _write_figures(out: Path, rows: Sequence[Mapping[str, Any]], retained_items: Sequence[Mapping[str, Any]],
+                   any_losses: bool) -> dict[str, str]:
+    """The report's PNG figures; ``{title: file name}``."""
+    figures: dict[str, str] = {}
+    labels = [r["phrase"][:40] for r in rows]
+    figures["anchor distance per concept"] = "anchor_distance.png"
+    _bar_figure(out / figures["anchor distance per concept"], labels,
+                [r["anchor_distance_before"] for r in rows], [r["anchor_distance_after"] for r in rows],
+                "K/V distance to the anchor's (worst first; lower after = erased)",
+                "||W e_concept - W0 e_anchor|| / ||W0 e_anchor||")
+    with_mass = [r for r in rows if r["attention_mass_before"] is not None]
+    if with_mass:
+        figures["attention on concept tokens"] = "attention_mass.png"
+        _bar_figure(out / figures["attention on concept tokens"], [r["phrase"][:40] for r in with_mass],
+                    [r["attention_mass_before"] for r in with_mass], [r["attention_mass_after"] for r in with_mass],
+                    "attention mass on the concept tokens in generated images", "mean attention probability mass")
+    if any_losses:
+        figures["LoRA loss curves"] = "losses.png"
+        _loss_figure(out / figures["LoRA loss curves"], {r["phrase"]: r["losses"] for r in rows})
+    if retained_items:
+        figures["preserved prompt drift"] = "retained_drift.png"
+        _drift_figure(out / figures["preserved prompt drift"], [r["prompt"] for r in retained_items],
+                      [r["drift"] for r in retained_items])
+    return figures
+
+
 def write_report(
     out_dir: str | os.PathLike[str],
     *,
@@ -294,131 +447,36 @@ def write_report(
     first ``max_retained_images`` retained prompts, ``batch_size`` prompts per sampler call (prompt
     ``k`` of that list uses seed ``seed + k`` in both). Returns the report dict (also report.json).
     """
-    out = Path(out_dir)
-    if (out / "report.json").exists():
-        raise MaceError(f"report folder {str(out)!r} already holds a report; choose another folder")
-    try:
-        (out / "images").mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise MaceError(f"cannot create report folder {str(out)!r} ({e.strerror or e}); choose a writable folder") from e
+    out = _report_folder(out_dir)
     t0 = time.time()
     losses = {k: [float(x) for x in v] for k, v in (losses or {}).items()}
     numbers = kv_metrics(original_host.cross_attention_weights(), erased_host.cross_attention_weights(),
                          original_host.encode, original_host.token_ids, concepts, retained, max_prompts=max_prompts)
     imaged = list(concepts)[: max(0, max_image_concepts)]
     kept = list(retained)[: max(0, max_retained_images)]
-    entries = {c.phrase: dict(m) for c, m in zip(concepts, numbers["concepts"], strict=True)}
-    # one list of prompts, generated in batches by both hosts; prompt k uses seed + k in both
-    prompts: list[str] = []
-    positions: list[list[int]] = []
-    for c in imaged:
-        prompt, anchor_prompt = concept_prompt_pairs(c)[0]
-        ids = original_host.token_ids([prompt, c.phrase])
-        prompts += [prompt, anchor_prompt]
-        positions += [phrase_positions(ids[0], ids[1]), []]
-    prompts += kept
-    positions += [[] for _ in kept]
-    before: list[Tensor] = []
-    after: list[Tensor] = []
-    mass_b: list[float] = []
-    mass_a: list[float] = []
-    chunks = range(0, len(prompts), max(1, batch_size))
-    for n, k in enumerate(chunks):
-        sl = slice(k, k + max(1, batch_size))
-        imgs, mass = _generate(original_host, prompts[sl], positions[sl], seed + k, steps, cfg, image_size)
-        before += list(imgs)
-        mass_b += mass
-        imgs, mass = _generate(erased_host, prompts[sl], positions[sl], seed + k, steps, cfg, image_size)
-        after += list(imgs)
-        mass_a += mass
-        if progress is not None:
-            progress(n + 1, len(chunks))
-    for i, c in enumerate(imaged):
-        paths = {}
-        for key, img in (("prompt_before", before[2 * i]), ("prompt_after", after[2 * i]),
-                         ("anchor_before", before[2 * i + 1]), ("anchor_after", after[2 * i + 1])):
-            rel = f"images/concept{i:03d}_{key}.png"
-            save_png(img, out / rel)
-            paths[key] = rel
-        entries[c.phrase].update(prompt=prompts[2 * i], anchor_prompt=prompts[2 * i + 1], images=paths,
-                                 concept_token_positions=positions[2 * i],
-                                 attention_mass_before=mass_b[2 * i], attention_mass_after=mass_a[2 * i])
-    retained_items = [{"prompt": p, "drift": d, "images": None}
-                      for p, d in zip(numbers["retained"]["prompts"], numbers["retained"]["drift_per_prompt"], strict=True)]
-    for j in range(len(kept)):
-        paths = {}
-        for key, img in (("before", before[2 * len(imaged) + j]), ("after", after[2 * len(imaged) + j])):
-            rel = f"images/retained{j:03d}_{key}.png"
-            save_png(img, out / rel)
-            paths[key] = rel
-        retained_items[j]["images"] = paths
-
-    rows = []
-    for c in concepts:
-        e = entries[c.phrase]
-        curve = losses.get(c.phrase, [])
-        e.setdefault("images", None)
-        for k in ("prompt", "anchor_prompt", "concept_token_positions", "attention_mass_before",
-                  "attention_mass_after"):
-            e.setdefault(k, None)
-        e["loss_first"] = curve[0] if curve else None
-        e["loss_last"] = curve[-1] if curve else None
-        e["losses"] = curve
-        rows.append(e)
-    rows.sort(key=lambda r: -r["remaining"])  # worst first
-
-    figures: dict[str, str] = {}
-    labels = [r["phrase"][:40] for r in rows]
-    figures["anchor distance per concept"] = "anchor_distance.png"
-    _bar_figure(out / figures["anchor distance per concept"], labels,
-                [r["anchor_distance_before"] for r in rows], [r["anchor_distance_after"] for r in rows],
-                "K/V distance to the anchor's (worst first; lower after = erased)",
-                "||W e_concept - W0 e_anchor|| / ||W0 e_anchor||")
-    with_mass = [r for r in rows if r["attention_mass_before"] is not None]
-    if with_mass:
-        figures["attention on concept tokens"] = "attention_mass.png"
-        _bar_figure(out / figures["attention on concept tokens"], [r["phrase"][:40] for r in with_mass],
-                    [r["attention_mass_before"] for r in with_mass], [r["attention_mass_after"] for r in with_mass],
-                    "attention mass on the concept tokens in generated images", "mean attention probability mass")
-    if any(losses.values()):
-        figures["LoRA loss curves"] = "losses.png"
-        _loss_figure(out / figures["LoRA loss curves"], {r["phrase"]: r["losses"] for r in rows})
-    if retained_items:
-        figures["preserved prompt drift"] = "retained_drift.png"
-        _drift_figure(out / figures["preserved prompt drift"], [r["prompt"] for r in retained_items],
-                      [r["drift"] for r in retained_items])
-
+    images = sample_before_after(original_host, erased_host, imaged, kept, seed=seed, steps=steps, cfg=cfg,
+                                 image_size=image_size, batch_size=batch_size, progress=progress)
+    concept_paths, retained_paths = _save_images(out, images, len(imaged), len(kept))
+    rows = _concept_rows(concepts, numbers["concepts"], losses, images, concept_paths)
+    drift = numbers["retained"]
+    retained_items = [{"prompt": p, "drift": d, "images": retained_paths[j] if j < len(retained_paths) else None}
+                      for j, (p, d) in enumerate(zip(drift["prompts"], drift["drift_per_prompt"], strict=True))]
+    figures = _write_figures(out, rows, retained_items, any(losses.values()))
     report = {
         "version": REPORT_VERSION,
         "base_fingerprint": str(erasure.base_fingerprint),
         "seed": int(seed),
         "sampler": {"steps": int(steps), "cfg": float(cfg), "image_size": int(image_size)},
         "settings": dict(settings) if settings is not None else dict(getattr(erasure, "metadata", {}) or {}),
-        "summary": {
-            "concepts": len(rows),
-            "mean_anchor_distance_before": float(np.mean([r["anchor_distance_before"] for r in rows])) if rows else 0.0,
-            "mean_anchor_distance_after": float(np.mean([r["anchor_distance_after"] for r in rows])) if rows else 0.0,
-            "mean_remaining": float(np.mean([r["remaining"] for r in rows])) if rows else 0.0,
-            "worst_concept": rows[0]["phrase"] if rows else None,
-            "retained_prompts": len(retained_items),
-            "retained_drift": numbers["retained"]["drift"],
-            "report_seconds": round(time.time() - t0, 3),
-        },
+        "summary": _summary(rows, drift, len(retained_items), time.time() - t0),
         "concepts": rows,
-        "retained": {"drift": numbers["retained"]["drift"], "items": retained_items},
+        "retained": {"drift": drift["drift"], "items": retained_items},
         "figures": figures,
-        "definitions": {
-            "anchor_distance": "mean over to_k/to_v matrices of ||E_f W^T - E_g W0^T||_F / ||E_g W0^T||_F on aligned "
-                               "token positions of the concept's prompt pairs; before W = W0, after W = W1",
-            "remaining": "anchor_distance_after / anchor_distance_before (0 = erased to the anchor, 1 = unchanged)",
-            "drift": "mean over matrices of ||E_p (W1 - W0)^T||_F / ||E_p W0^T||_F over all 77 positions",
-            "attention_mass": "mean over sampler steps, blocks, heads, pixels of the attention probability on the "
-                              "concept's tokens (conditional branch)",
-        },
+        "definitions": DEFINITIONS,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
     (out / "report.html").write_text(_html(report), encoding="utf-8")
     return report
 
 
-__all__ = ["AttentionMass", "kv_metrics", "save_png", "write_report"]
+__all__ = ["AttentionMass", "BeforeAfter", "kv_metrics", "sample_before_after", "save_png", "write_report"]

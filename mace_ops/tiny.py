@@ -22,14 +22,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-SD1_SCALING_FACTOR = 0.18215
-SD1_BETA_START = 0.00085
-SD1_BETA_END = 0.012
-SD1_TRAIN_STEPS = 1000
+from .family import SD1
 
 
 def sd1_alphas_cumprod(
-    num_steps: int = SD1_TRAIN_STEPS, beta_start: float = SD1_BETA_START, beta_end: float = SD1_BETA_END
+    num_steps: int = SD1.train_steps, beta_start: float = SD1.beta_start, beta_end: float = SD1.beta_end
 ) -> Tensor:
     """SD1.x training schedule ("scaled_linear"): β_t = linspace(√β0, √β1, T)², ᾱ_t = Π_{s≤t} (1 - β_s); float64."""
     betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_steps, dtype=torch.float64) ** 2
@@ -94,7 +91,7 @@ def build_tiny_sd(seed: int = 0) -> TinySD:
             latent_channels=4,
             norm_num_groups=4,
             sample_size=64,
-            scaling_factor=SD1_SCALING_FACTOR,
+            scaling_factor=SD1.vae_scale,
         )
     for m in (unet, text_encoder, vae):
         m.eval().requires_grad_(False)
@@ -214,4 +211,4 @@ def ldm_cross_attention_names(unet: nn.Module) -> dict[str, str]:
     return {d: n for d, n in names.items() if getattr(modules[d], "is_cross_attention", False)}
 
 
-__all__ = ["TinySD", "build_tiny", "build_tiny_sd", "build_tiny_sd2", "build_tiny_sdxl", "ldm_cross_attention_names", "sd1_alphas_cumprod", "SD1_SCALING_FACTOR"]
+__all__ = ["TinySD", "build_tiny", "build_tiny_sd", "build_tiny_sd2", "build_tiny_sdxl", "ldm_cross_attention_names", "sd1_alphas_cumprod"]

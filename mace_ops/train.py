@@ -410,149 +410,201 @@ def train_concept_loras(
     config = (config or TrainConfig()).check()
     if not data:
         raise MaceError("no training data: give at least one concept")
-    token_ids = token_ids or host.token_ids
     concepts = [_concept_of(d) for d in data]
     phrases = [c.phrase for c in concepts]
     if len(set(phrases)) != len(phrases):
         raise MaceError(f"concepts {phrases!r}: each concept may appear once in a training run")
 
     with torch.inference_mode(False), torch.enable_grad():
-        base = {k: v.detach().clone() for k, v in (base_weights or host.cross_attention_weights()).items()}
-        names = list(base)
-        shapes = {n: (int(w.shape[0]), int(w.shape[1])) for n, w in base.items()}
-        alphas = host.alphas_cumprod().detach().clone().to(torch.float64)  # (T,)
-
-        states: list[_ConceptState] = []
-        for c, item in zip(concepts, data, strict=True):
-            prompt = training_prompt(c)
-            context = host.encode([prompt]).detach().clone().float()  # (1, 77, d_ctx)
-            pooled = _pooled(host, prompt)
-            latents = item.latents.detach().clone().float().to(context.device)  # (n, 4, h, w)
-            if latents.ndim != 4 or latents.shape[0] < 1:
-                raise MaceError(f"concept {c.phrase!r}: latents of shape {tuple(latents.shape)}; need (n, 4, h, w)")
-            n, _, h, w = latents.shape
-            if item.masks is None:
-                masks = torch.ones(n, h, w, dtype=torch.bool, device=context.device)
-            else:
-                masks = item.masks.detach().clone().to(context.device)
-                if tuple(masks.shape) != (n, h, w):
-                    raise MaceError(
-                        f"concept {c.phrase!r}: masks of shape {tuple(masks.shape)} do not match its latents "
-                        f"(need {(n, h, w)}); resize the masks to the latent size"
-                    )
-                masks = masks.float() > 0.5
-            positions = concept_token_positions(
-                token_ids, prompt, c.phrase, include_end_tokens=config.include_end_tokens
-            ).to(context.device)
-            gen = torch.Generator().manual_seed(seed_from(config.seed, c.phrase, "train"))
-            states.append(_ConceptState(c.phrase, latents, masks, context, positions, gen, pooled=pooled))
-
-        losses: dict[str, list[float]] = {p: [] for p in phrases}
-        bank = LoRABank(shapes, phrases, config.rank, seed=config.seed).to(states[0].context.device)
-        todo = list(range(len(states)))
-        total = config.steps * len(states)
-        done_steps = 0
-        if cache_dir is not None:
-            common = {
-                "config": config.result_dict(),
-                "base": _digest_tensors(base),
-                "model": host.model_fingerprint(),
-                "format": "mace-lora-cache/1",
-            }
-            for c, s in zip(concepts, states, strict=True):
-                s.key = hashlib.sha256(
-                    json.dumps(
-                        {
-                            **common,
-                            "concept": [c.phrase, c.anchor, c.kind],
-                            "data": _digest_tensors({"latents": s.latents, "masks": s.masks}),
-                            "positions": s.positions.nonzero().flatten().tolist(),
-                            "context": _digest_tensors({"context": s.context}),
-                        },
-                        sort_keys=True,
-                    ).encode()
-                ).hexdigest()
-            remaining = []
-            for i in todo:
-                hit = _load_cached(_cache_path(cache_dir, phrases[i], states[i].key), states[i].key, names)
-                if hit is None:
-                    remaining.append(i)
-                    continue
-                factors, cached_losses = hit
-                bank.set_factors(i, factors)
-                losses[phrases[i]] = cached_losses
-                done_steps += config.steps
-            todo = remaining
-
-        failed: dict[str, str] = {}
+        trainer = LoRATrainer(host, config, base_weights=base_weights, progress=progress,
+                              check_interrupt=check_interrupt, cache_dir=cache_dir)
+        trainer.add_concepts(concepts, data, token_ids or host.token_ids)
+        todo = trainer.reuse_cached(concepts)
         per_batch = config.concepts_per_batch or max(len(todo), 1)
         for start in range(0, len(todo), per_batch):
-            group = todo[start : start + per_batch]
-            done_steps = _train_group(
-                host, base, [states[i] for i in group], config, alphas, losses, failed,
-                progress, check_interrupt, done_steps, total, bank, group, cache_dir,
-            )
-        if failed:
-            detail = "; ".join(f"{p!r}: {why}" for p, why in failed.items())
+            trainer.train_group(todo[start : start + per_batch])
+        trainer.raise_failures()
+    return trainer.bank, trainer.losses
+
+
+def _concept_state(host: Host, concept: Concept, item: Any, token_ids: TokenIds, config: TrainConfig) -> _ConceptState:
+    """The fixed inputs of one concept: its prompt's context, latents, masks (> 0.5), token positions, RNG."""
+    prompt = training_prompt(concept)
+    context = host.encode([prompt]).detach().clone().float()  # (1, 77, d_ctx)
+    pooled = _pooled(host, prompt)
+    latents = item.latents.detach().clone().float().to(context.device)  # (n, 4, h, w)
+    if latents.ndim != 4 or latents.shape[0] < 1:
+        raise MaceError(f"concept {concept.phrase!r}: latents of shape {tuple(latents.shape)}; need (n, 4, h, w)")
+    n, _, h, w = latents.shape
+    if item.masks is None:
+        masks = torch.ones(n, h, w, dtype=torch.bool, device=context.device)
+    else:
+        masks = item.masks.detach().clone().to(context.device)
+        if tuple(masks.shape) != (n, h, w):
             raise MaceError(
-                f"LoRA training diverged for {len(failed)} concept(s): {detail}. Lower the learning rate "
-                "or check these concepts' images and masks"
-                + (" (the other concepts are cached in cache_dir; rerun to train only these)" if cache_dir else "")
+                f"concept {concept.phrase!r}: masks of shape {tuple(masks.shape)} do not match its latents "
+                f"(need {(n, h, w)}); resize the masks to the latent size"
             )
-    return bank, losses
+        masks = masks.float() > 0.5
+    positions = concept_token_positions(
+        token_ids, prompt, concept.phrase, include_end_tokens=config.include_end_tokens
+    ).to(context.device)
+    gen = torch.Generator().manual_seed(seed_from(config.seed, concept.phrase, "train"))
+    return _ConceptState(concept.phrase, latents, masks, context, positions, gen, pooled=pooled)
 
 
-def _train_group(
-    host: Host,
-    base: Mapping[str, Tensor],
-    states: Sequence[_ConceptState],
-    config: TrainConfig,
-    alphas: Tensor,
-    losses: dict[str, list[float]],
-    failed: dict[str, str],
-    progress: Callable[[int, int, str, float], None] | None,
-    check_interrupt: Callable[[], None] | None,
-    done_steps: int,
-    total: int,
-    result: LoRABank,
-    rows: Sequence[int],
-    cache_dir: str | os.PathLike[str] | None,
-) -> int:
-    """Train the concepts of ``states`` together in one bank; copy finished ones into ``result``."""
-    shapes = result.shapes
-    hw = {tuple(s.latents.shape[-2:]) for s in states}
-    if len(hw) != 1:
-        raise MaceError(
-            f"concepts {[s.phrase for s in states]!r} have latents of different sizes {sorted(hw)}: "
-            "train them in separate batches (concepts_per_batch=1) or use one image size"
-        )
-    device = states[0].context.device
-    bank = LoRABank(shapes, [s.phrase for s in states], config.rank, seed=config.seed).to(device)
-    opt = torch.optim.AdamW(
-        bank.parameters(), lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay
-    )
-    params = list(bank.parameters())
-    at = _GroupProgress(0, list(range(len(states))), {})
-    checkpoint = _group_checkpoint_path(cache_dir, states) if cache_dir is not None else None
-    if checkpoint is not None:  # a crash costs at most ``every`` group steps: about one concept's training
-        at = _load_group_checkpoint(*checkpoint, bank, opt, states, losses) or at
-        failed.update(at.failed)
-        done_steps += sum(len(losses[s.phrase]) for s in states)
-    every = -(-config.steps // len(states))
-    last_saved = time.monotonic()
-    active = at.active
-    bs = config.batch_size
-    n_t = alphas.shape[0]
+@dataclass
+class _Group:
+    """The concepts trained together in one bank: rows ``rows`` of the run's bank, its optimiser, where
+    it stands (``active`` concepts, indices into ``states``) and its in-flight checkpoint."""
+
+    rows: list[int]
+    states: list[_ConceptState]
+    bank: LoRABank
+    opt: torch.optim.Optimizer
+    start: int  # the first step still to run
+    active: list[int]
+    checkpoint: tuple[Path, str] | None
+    every: int  # checkpoint every this many steps (about one concept's training) ...
+    last_saved: float  # ... and at most every CHECKPOINT_MIN_SECONDS after this time
     fixed: _FixedBatch | None = None
 
-    for step in range(at.step, config.steps):
-        if not active:
-            break
+
+class LoRATrainer:
+    """One run of ``train_concept_loras``: the concepts' fixed inputs, the result bank, the losses,
+    the failed concepts and the progress count, trained group by group (``train_group``), each step
+    in four parts: noisy batch, attention loss, per-concept finiteness and clipping, bookkeeping."""
+
+    def __init__(self, host: Host, config: TrainConfig, *, base_weights: Mapping[str, Tensor] | None = None,
+                 progress: Callable[[int, int, str, float], None] | None = None,
+                 check_interrupt: Callable[[], None] | None = None,
+                 cache_dir: str | os.PathLike[str] | None = None) -> None:
+        self.host, self.config = host, config
+        self.progress, self.check_interrupt, self.cache_dir = progress, check_interrupt, cache_dir
+        self.base = {k: v.detach().clone() for k, v in (base_weights or host.cross_attention_weights()).items()}
+        self.names = list(self.base)
+        self.shapes = {n: (int(w.shape[0]), int(w.shape[1])) for n, w in self.base.items()}
+        self.alphas = host.alphas_cumprod().detach().clone().to(torch.float64)  # (T,)
+        self.states: list[_ConceptState] = []
+        self.losses: dict[str, list[float]] = {}
+        self.failed: dict[str, str] = {}
+        self.done_steps = 0
+        self.total = 0
+        self.bank: LoRABank | None = None
+
+    def add_concepts(self, concepts: Sequence[Concept], data: Sequence[Any], token_ids: TokenIds) -> None:
+        """Fixed inputs of every concept, the empty losses and the result bank (rows in ``concepts`` order)."""
+        self.states = [_concept_state(self.host, c, item, token_ids, self.config)
+                       for c, item in zip(concepts, data, strict=True)]
+        phrases = [c.phrase for c in concepts]
+        self.losses = {p: [] for p in phrases}
+        self.bank = LoRABank(self.shapes, phrases, self.config.rank, seed=self.config.seed).to(
+            self.states[0].context.device)
+        self.total = self.config.steps * len(self.states)
+
+    def reuse_cached(self, concepts: Sequence[Concept]) -> list[int]:
+        """Key every concept and load the finished ones from ``cache_dir``; the indices still to train."""
+        if self.cache_dir is None:
+            return list(range(len(self.states)))
+        common = {"config": self.config.result_dict(), "base": _digest_tensors(self.base),
+                  "model": self.host.model_fingerprint(), "format": "mace-lora-cache/1"}
+        todo = []
+        for i, (c, s) in enumerate(zip(concepts, self.states, strict=True)):
+            s.key = hashlib.sha256(json.dumps({
+                **common,
+                "concept": [c.phrase, c.anchor, c.kind],
+                "data": _digest_tensors({"latents": s.latents, "masks": s.masks}),
+                "positions": s.positions.nonzero().flatten().tolist(),
+                "context": _digest_tensors({"context": s.context}),
+            }, sort_keys=True).encode()).hexdigest()
+            hit = _load_cached(_cache_path(self.cache_dir, s.phrase, s.key), s.key, self.names)
+            if hit is None:
+                todo.append(i)
+                continue
+            self.bank.set_factors(i, hit[0])
+            self.losses[s.phrase] = hit[1]
+            self.done_steps += self.config.steps
+        return todo
+
+    def raise_failures(self) -> None:
+        """``MaceError`` naming every concept whose training diverged (none: nothing)."""
+        if not self.failed:
+            return
+        detail = "; ".join(f"{p!r}: {why}" for p, why in self.failed.items())
+        raise MaceError(
+            f"LoRA training diverged for {len(self.failed)} concept(s): {detail}. Lower the learning rate "
+            "or check these concepts' images and masks"
+            + (" (the other concepts are cached in cache_dir; rerun to train only these)" if self.cache_dir else "")
+        )
+
+    # ---------------------------------------------------------------- one group
+
+    def train_group(self, rows: Sequence[int]) -> None:
+        """Train the concepts ``rows`` together in one bank; copy the finished ones into ``self.bank``."""
+        group = self._start_group(list(rows))
+        for step in range(group.start, self.config.steps):
+            if not group.active:
+                break
+            self._step(group, step)
+        self._finish_group(group)
+
+    def _start_group(self, rows: list[int]) -> _Group:
+        """A fresh bank and AdamW for the group, or the state of its checkpoint when one is found."""
+        config, states = self.config, [self.states[i] for i in rows]
+        hw = {tuple(s.latents.shape[-2:]) for s in states}
+        if len(hw) != 1:
+            raise MaceError(
+                f"concepts {[s.phrase for s in states]!r} have latents of different sizes {sorted(hw)}: "
+                "train them in separate batches (concepts_per_batch=1) or use one image size"
+            )
+        bank = LoRABank(self.shapes, [s.phrase for s in states], config.rank, seed=config.seed).to(
+            states[0].context.device)
+        opt = torch.optim.AdamW(
+            bank.parameters(), lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay
+        )
+        at = _GroupProgress(0, list(range(len(states))), {})
+        checkpoint = _group_checkpoint_path(self.cache_dir, states) if self.cache_dir is not None else None
+        if checkpoint is not None:  # a crash costs at most ``every`` group steps: about one concept's training
+            at = _load_group_checkpoint(*checkpoint, bank, opt, states, self.losses) or at
+            self.failed.update(at.failed)
+            self.done_steps += sum(len(self.losses[s.phrase]) for s in states)
+        return _Group(rows, states, bank, opt, at.step, at.active, checkpoint, every=-(-config.steps // len(states)),
+                      last_saved=time.monotonic())
+
+    def _step(self, group: _Group, step: int) -> None:
+        """One optimiser step of the group's active concepts, then checkpoint and interrupt check."""
+        x_t, t, masks = self._noisy_batch(group)
+        per_concept = self._attention_loss(group, x_t, t, masks)  # (A,)
+        group.opt.zero_grad(set_to_none=False)
+        per_concept.sum().backward()
+        values = per_concept.detach().cpu().tolist()
+        still = self._clip_finite(group, values)
+        group.opt.step()
+        for j, c in still:
+            phrase = group.states[c].phrase
+            self.losses[phrase].append(values[j])
+            self.done_steps += 1
+            if self.progress is not None:
+                self.progress(self.done_steps, self.total, phrase, values[j])
+        group.active = [c for _, c in still]
+        if (group.checkpoint is not None and (step + 1) % group.every == 0 and step < self.config.steps - 1
+                and time.monotonic() - group.last_saved >= CHECKPOINT_MIN_SECONDS):
+            group_failed = {s.phrase: self.failed[s.phrase] for s in group.states if s.phrase in self.failed}
+            _save_group_checkpoint(*group.checkpoint, group.bank, group.opt, group.states, self.losses,
+                                   _GroupProgress(step + 1, group.active, group_failed))
+            group.last_saved = time.monotonic()
+        if self.check_interrupt is not None and step < self.config.steps - 1:  # after the last step: save first
+            self.check_interrupt()
+
+    def _noisy_batch(self, group: _Group) -> tuple[Tensor, Tensor, Tensor]:
+        """``(x_t, t, masks)`` for the active concepts, ``batch_size`` samples each, grouped by concept:
+        ``x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε`` with sample index, t and ε drawn from the concept's RNG."""
+        bs, device = self.config.batch_size, group.states[0].context.device
         x0s, ms, ts, eps_s = [], [], [], []
-        for c in active:
-            s = states[c]
+        for c in group.active:
+            s = group.states[c]
             pick = torch.randint(0, s.latents.shape[0], (bs,), generator=s.generator)  # (bs,)
-            t = sample_timesteps(bs, s.generator, config.timesteps, n_t)  # (bs,)
+            t = sample_timesteps(bs, s.generator, self.config.timesteps, self.alphas.shape[0])  # (bs,)
             eps = torch.randn((bs, *s.latents.shape[1:]), generator=s.generator)  # (bs, 4, h, w)
             pick = pick.to(device)
             x0s.append(s.latents[pick])
@@ -562,39 +614,40 @@ def _train_group(
         x0 = torch.cat(x0s)  # (B, 4, h, w)
         t = torch.cat(ts)  # (B,)
         eps = torch.cat(eps_s).to(device)
-        a = alphas[t].to(device=device, dtype=x0.dtype)[:, None, None, None]
-        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        masks = torch.cat(ms)  # (B, h, w) bool
-        if fixed is None or fixed.active != active:
-            fixed = _fixed_batch(states, active, bs, base, device)
+        a = self.alphas[t].to(device=device, dtype=x0.dtype)[:, None, None, None]
+        return a.sqrt() * x0 + (1 - a).sqrt() * eps, t, torch.cat(ms)  # masks (B, h, w) bool
 
-        loss_sink = AttentionLossSink(masks, fixed.positions, squared=config.squared_loss)
-        linears = bank.banked_linears(base, fixed.rows, fixed.base_kv)  # fresh per step: it caches down·ctx
-        with host.instrument(linears=linears, attention=loss_sink.attention) as unet:
+    def _attention_loss(self, group: _Group, x_t: Tensor, t: Tensor, masks: Tensor) -> Tensor:
+        """Each active concept's loss, the mean over its samples of ``Σ_l ||A_l[:, m_l, S]||``; (A,)."""
+        device = group.states[0].context.device
+        if group.fixed is None or group.fixed.active != group.active:
+            group.fixed = _fixed_batch(group.states, group.active, self.config.batch_size, self.base, device)
+        fixed = group.fixed
+        loss_sink = AttentionLossSink(masks, fixed.positions, squared=self.config.squared_loss)
+        linears = group.bank.banked_linears(self.base, fixed.rows, fixed.base_kv)  # fresh per step: it caches down·ctx
+        with self.host.instrument(linears=linears, attention=loss_sink.attention) as unet:
             if fixed.pooled is None:
                 unet(x_t, t.to(device), fixed.context)
             else:
                 unet(x_t, t.to(device), fixed.context, pooled=fixed.pooled)
-        per_sample = loss_sink.total()  # (B,)
-        per_concept = per_sample.view(len(active), bs).mean(1)  # (A,)
-        opt.zero_grad(set_to_none=False)
-        per_concept.sum().backward()
+        return loss_sink.total().view(len(group.active), self.config.batch_size).mean(1)
 
-        # per-concept finiteness and clipping: concept c's gradient lives only in rows c of each parameter.
+    def _clip_finite(self, group: _Group, values: list[float]) -> list[tuple[int, int]]:
+        """Per-concept finiteness check and gradient clipping (torch's clip_grad_norm_ rule, per concept:
+        concept c's gradient lives only in rows c of each parameter); a concept with a NaN/Inf loss or
+        gradient joins ``failed`` and gets a zero gradient. ``(j, c)`` of the concepts that go on."""
         # None: a matrix the loss does not reach (the last block's to_v); AdamW skips it, as in the reference.
-        grads = [p.grad for p in params if p.grad is not None]  # each (C, ...)
+        grads = [p.grad for p in group.bank.parameters() if p.grad is not None]  # each (C, ...)
         norms = torch.stack([g.double().flatten(1).square().sum(1) for g in grads]).sum(0).sqrt()  # (C,)
-        coef = (config.grad_clip / (norms + 1e-6)).clamp(max=1.0)  # torch's clip_grad_norm_ rule, per concept
-        values = per_concept.detach().cpu().tolist()
+        coef = (self.config.grad_clip / (norms + 1e-6)).clamp(max=1.0)
         norm_values = norms.cpu().tolist()
         still = []
-        for j, c in enumerate(active):
+        for j, c in enumerate(group.active):
+            phrase = group.states[c].phrase
             if not math.isfinite(values[j]):
-                failed[states[c].phrase] = f"loss became {values[j]} at step {len(losses[states[c].phrase]) + 1}"
+                self.failed[phrase] = f"loss became {values[j]} at step {len(self.losses[phrase]) + 1}"
             elif not math.isfinite(norm_values[c]):
-                failed[states[c].phrase] = (
-                    f"gradient norm became {norm_values[c]} at step {len(losses[states[c].phrase]) + 1}"
-                )
+                self.failed[phrase] = f"gradient norm became {norm_values[c]} at step {len(self.losses[phrase]) + 1}"
             else:
                 still.append((j, c))
         kept = [c for _, c in still]
@@ -602,43 +655,28 @@ def _train_group(
         scale[kept] = coef[kept]
         for g in grads:
             g.mul_(scale.to(g.dtype).view(-1, *([1] * (g.ndim - 1))))
-            if len(still) < len(active):
+            if len(still) < len(group.active):
                 g.nan_to_num_(0.0, 0.0, 0.0)
-        opt.step()
-        for j, c in still:
-            losses[states[c].phrase].append(values[j])
-            done_steps += 1
-            if progress is not None:
-                progress(done_steps, total, states[c].phrase, values[j])
-        active = [c for _, c in still]
-        if (checkpoint is not None and (step + 1) % every == 0 and step < config.steps - 1
-                and time.monotonic() - last_saved >= CHECKPOINT_MIN_SECONDS):
-            group_failed = {s.phrase: failed[s.phrase] for s in states if s.phrase in failed}
-            _save_group_checkpoint(*checkpoint, bank, opt, states, losses, _GroupProgress(step + 1, active, group_failed))
-            last_saved = time.monotonic()
-        if check_interrupt is not None and step < config.steps - 1:  # after the last step: save first
-            check_interrupt()
+        return still
 
-    for c in active:
-        row = rows[c]
-        factors = bank.factors(c)
-        result.set_factors(row, factors)
-        if cache_dir is not None:
-            s = states[c]
-            _save_cached(
-                _cache_path(cache_dir, s.phrase, s.key),
-                factors,
-                {"key": s.key, "concept": s.phrase, "losses": losses[s.phrase]},
-            )
-    if checkpoint is not None:
-        checkpoint[0].unlink(missing_ok=True)  # every concept of the group is in its own file now
-    if check_interrupt is not None:
-        check_interrupt()
-    return done_steps
+    def _finish_group(self, group: _Group) -> None:
+        """Copy the finished concepts into the result bank and their own cache files; drop the checkpoint."""
+        for c in group.active:
+            factors = group.bank.factors(c)
+            self.bank.set_factors(group.rows[c], factors)
+            if self.cache_dir is not None:
+                s = group.states[c]
+                _save_cached(_cache_path(self.cache_dir, s.phrase, s.key), factors,
+                             {"key": s.key, "concept": s.phrase, "losses": self.losses[s.phrase]})
+        if group.checkpoint is not None:
+            group.checkpoint[0].unlink(missing_ok=True)  # every concept of the group is in its own file now
+        if self.check_interrupt is not None:
+            self.check_interrupt()
 
 
 __all__ = [
     "AttentionLossSink",
+    "LoRATrainer",
     "TrainConfig",
     "attention_map_loss",
     "cfis_probabilities",

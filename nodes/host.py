@@ -14,7 +14,7 @@ def check_interrupt() -> None:
     comfy.model_management.throw_exception_if_processing_interrupted()
 
 
-class Progress:
+class RunProgressBar:
     """One ComfyUI progress bar over a whole run made of stages with known sizes."""
 
     def __init__(self, stages: dict[str, int]) -> None:
@@ -38,7 +38,7 @@ class Progress:
         return update
 
     def pipeline(self, stage: str, done: int, total: int, info: Any = None) -> None:
-        """``mace_ops.pipeline.Progress`` signature; ``<stage>:<info["group"]>`` when that stage exists."""
+        """A ``mace_ops.progress.ProgressCallback``; ``<stage>:<info["group"]>`` when that stage exists."""
         group = info.get("group") if isinstance(info, dict) else None
         key = f"{stage}:{group}" if group is not None and f"{stage}:{group}" in self.offsets else stage
         if key in self.offsets:

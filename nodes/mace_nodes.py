@@ -148,7 +148,7 @@ class MacePreservationSet:
         from mace_ops.pipeline import preservation_statistics
         from mace_ops.preservation import default_corpus, retained_prompts
 
-        from .host import Progress, cache_dir, check_interrupt
+        from .host import RunProgressBar, cache_dir, check_interrupt
 
         general = (default_corpus() if corpus == "default" else []) + _lines(prompts)
         names = _lines(retained)
@@ -156,7 +156,7 @@ class MacePreservationSet:
         if not general and not kept:
             raise MaceError("prompts input: no preservation prompts; choose the default corpus or write prompts")
         host = _text_host(clip)
-        progress = Progress({"preservation:general": len(general), "preservation:retained": len(kept)})
+        progress = RunProgressBar({"preservation:general": len(general), "preservation:retained": len(kept)})
         stats = preservation_statistics(
             host, general, kept, cache_dir=cache_dir("preservation"), progress=progress.pipeline,
             check_interrupt=check_interrupt,
@@ -217,14 +217,14 @@ class MaceRefineCrossAttention:
         from mace_ops.hosts.comfy import ComfyHost
         from mace_ops.pipeline import refine_weights
 
-        from .host import Progress, check_interrupt
+        from .host import RunProgressBar, check_interrupt
 
         cv = _need(concepts, ConceptsValue, "concepts", "MACE Concept List")
         host = ComfyHost(model, clip)
         pv = _preserve(preservation, host)
         s = cv.settings
         groups = pv.statistics.groups(_weight(preserve_weight, s.cfr_preserve), _weight(retained_weight, s.cfr_retained))
-        progress = Progress({"refine": len(cv.concepts)})
+        progress = RunProgressBar({"refine": len(cv.concepts)})
         w1 = refine_weights(host, cv.concepts, groups, _weight(ridge, s.ridge), progress=progress.pipeline,
                             check_interrupt=check_interrupt)
         return (host.with_weights(w1).model,)
@@ -280,7 +280,7 @@ class MaceTrainConceptLoRA:
         from mace_ops.hosts.comfy import ComfyHost
         from mace_ops.train import train_concept_loras
 
-        from .host import Progress, cache_dir, check_interrupt
+        from .host import RunProgressBar, cache_dir, check_interrupt
         from .web_api import TrainProgressEvents, tee
 
         cv = _need(concepts, ConceptsValue, "concepts", "MACE Concept List")
@@ -300,7 +300,7 @@ class MaceTrainConceptLoRA:
         )
         user_images, user_masks = _user_data(cv, images, masks, images_for)
         n_generated = sum(1 for c in cv.concepts if c.phrase not in user_images)
-        progress = Progress({
+        progress = RunProgressBar({
             "data": n_generated * images_per_concept * sample_steps,
             "train": train_cfg.steps * len(cv.concepts),
         })
@@ -378,11 +378,12 @@ class MaceFuseLoRAs:
         }
 
     def fuse(self, refined_model, clip, lora_bank, preservation, preserve_weight, retained_weight, ridge):
+        from mace_ops.erasure import Erasure
         from mace_ops.errors import MaceError
         from mace_ops.hosts.comfy import ComfyHost
-        from mace_ops.pipeline import Erasure, ErasureSettings, fuse_weights
+        from mace_ops.pipeline import ErasureSettings, fuse_weights
 
-        from .host import Progress, check_interrupt
+        from .host import RunProgressBar, check_interrupt
 
         bv = _need(lora_bank, BankValue, "lora_bank", "Train Concept LoRA")
         host = ComfyHost(refined_model, clip)
@@ -398,16 +399,12 @@ class MaceFuseLoRAs:
         lam = _weight(ridge, settings.ridge)
         original = host.original_weights()
         refined = host.cross_attention_weights()
-        progress = Progress({"fuse": len(bv.concepts)})
+        progress = RunProgressBar({"fuse": len(bv.concepts)})
         fused = fuse_weights(host, refined, bv.bank, bv.concepts, pv.statistics.groups(wp, wr), lam,
                              original=original, progress=progress.pipeline, check_interrupt=check_interrupt)
-        erasure = Erasure(
-            weights={k: v.detach().float().cpu() for k, v in fused.items()},
-            base_fingerprint=host.model_fingerprint(),
-            concepts=list(bv.concepts),
-            metadata={"fusion": {"preserve_weight": wp, "retained_weight": wr, "ridge": lam},
-                      "losses": bv.losses, "host": "comfyui"},
-        )
+        erasure = Erasure.build(fused, base_fingerprint=host.model_fingerprint(), concepts=bv.concepts,
+                                source="fuse_weights", settings={"preserve_weight": wp, "retained_weight": wr,
+                                                                 "ridge": lam}, losses=bv.losses)
         erased = host.with_weights(erasure.weights)
         return (erased.model, ErasureValue(erasure, erasure.diffs(original)))
 
@@ -453,11 +450,11 @@ class MaceFuseExternalLoRAs:
 
     def fuse(self, model, clip, concepts, preservation, lora_files, allow_other_modules, preserve_weight,
              retained_weight, ridge):
+        from mace_ops.erasure import Erasure
         from mace_ops.external_lora import external_fusion_metadata, fuse_external_loras, read_external_lora
         from mace_ops.hosts.comfy import ComfyHost
-        from mace_ops.pipeline import Erasure
 
-        from .host import Progress, resolve_lora_file
+        from .host import RunProgressBar, resolve_lora_file
 
         cv = _need(concepts, ConceptsValue, "concepts", "MACE Concept List")
         host = ComfyHost(model, clip)
@@ -469,15 +466,13 @@ class MaceFuseExternalLoRAs:
         s = cv.settings
         wp, wr, lam = (_weight(preserve_weight, s.fusion_preserve), _weight(retained_weight, s.fusion_retained),
                        _weight(ridge, s.ridge))
-        progress = Progress({"fuse": len(cv.concepts)})
+        progress = RunProgressBar({"fuse": len(cv.concepts)})
         fused = fuse_external_loras(host, cv.concepts, loras, pv.statistics.groups(wp, wr), lam, base=current,
                                     original=original, relative_ridge=s.relative_ridge, progress=progress.pipeline)
-        erasure = Erasure(
-            weights={k: v.detach().float().cpu() for k, v in fused.items()},
-            base_fingerprint=host.model_fingerprint(),
-            concepts=list(cv.concepts),
-            metadata=external_fusion_metadata(loras, cv.concepts, preserve_weight=wp, retained_weight=wr, ridge=lam),
-        )
+        erasure = Erasure.build(fused, base_fingerprint=host.model_fingerprint(), concepts=cv.concepts,
+                                source="fuse_external_loras",
+                                **external_fusion_metadata(loras, cv.concepts, preserve_weight=wp,
+                                                           retained_weight=wr, ridge=lam))
         report = "\n".join(
             f"{c.phrase} ({c.kind}): {lora.summary()['file']}, {lora.style} keys, {len(lora.used)} to_k/to_v"
             + (f"; ignored {len(lora.ignored)}: {', '.join(lora.ignored)}" if lora.ignored else "")
@@ -505,9 +500,9 @@ class MaceApplyErasure:
         }
 
     def apply(self, model, erasure, strength):
+        from mace_ops.erasure import apply_erasure_weights
         from mace_ops.errors import MaceError
         from mace_ops.hosts.comfy import ComfyHost
-        from mace_ops.io import apply_erasure_weights
 
         ev = _need(erasure, ErasureValue, "erasure", "Fuse LoRAs or Load Erasure")
         host = ComfyHost(model)
@@ -543,7 +538,7 @@ class MaceSaveErasure:
     def save(self, erasure, filename_prefix):
         import os
 
-        from mace_ops.io import save_erasure_diffs
+        from mace_ops.erasure import save_erasure_diffs
 
         from .host import new_output_path, output_dir
 
@@ -588,7 +583,7 @@ class MaceLoadErasure:
         return f"{path}:{st.st_mtime_ns}:{st.st_size}"
 
     def load(self, erasure_file):
-        from mace_ops.io import load_erasure
+        from mace_ops.erasure import load_erasure
 
         from .host import resolve_erasure_file
 
@@ -636,7 +631,7 @@ class MaceErasurePreview:
         from mace_ops.hosts.comfy import ComfyHost
         from mace_ops.report import kv_metrics
 
-        from .host import Progress
+        from .host import RunProgressBar
 
         ev = _need(erasure, ErasureValue, "erasure", "Fuse LoRAs or Load Erasure")
         before = ComfyHost(original_model, clip, vae)
@@ -652,7 +647,7 @@ class MaceErasurePreview:
                              before.token_ids, concepts, kept)
         prompts = [concept_prompt_pairs(c)[0][0] for c in concepts[: int(max_concepts)]] + kept
         if prompts:
-            progress = Progress({"before": steps, "after": steps})
+            progress = RunProgressBar({"before": steps, "after": steps})
             imgs_b = before.generate(prompts, seed=int(seed), steps=int(steps), cfg=float(cfg), height=int(image_size),
                                      width=int(image_size), progress=progress.stage("before"))
             imgs_a = after.generate(prompts, seed=int(seed), steps=int(steps), cfg=float(cfg), height=int(image_size),

@@ -21,7 +21,7 @@ CUSTOM_TYPES = (CONCEPTS, PRESERVATION, LORA_BANK, ERASURE)
 @dataclass
 class ConceptsValue:
     concepts: list[Any]  # list[mace_ops.concepts.Concept]
-    settings: Any  # mace_ops.pipeline.ErasureSettings (the preset's weights, or the defaults)
+    settings: Any  # mace_ops.erasure.ErasureSettings (the preset's weights, or the defaults)
     preset: str | None = None
 
 
@@ -42,5 +42,5 @@ class BankValue:
 
 @dataclass
 class ErasureValue:
-    erasure: Any  # mace_ops.pipeline.Erasure
+    erasure: Any  # mace_ops.erasure.Erasure
     diffs: dict[str, Any]  # "<block>.to_k" -> W_new - W0 (float32, CPU)

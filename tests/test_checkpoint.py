@@ -214,8 +214,8 @@ def test_comfyui_loads_sanitized_checkpoint_and_erasure(tmp_path):
         for p in (os.path.abspath(root), here):
             sys.path.remove(p)
     from mace_ops.concepts import Concept
-    from mace_ops.io import read_safetensors, save_erasure
-    from mace_ops.pipeline import Erasure
+    from mace_ops.erasure import Erasure, save_erasure
+    from mace_ops.io import read_safetensors
 
     src = write_tiny_checkpoint(str(tmp_path / "src.safetensors"), 0)
     before = _sha(tmp_path / "src.safetensors")

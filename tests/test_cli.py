@@ -16,10 +16,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mace_ops import cli, run_inputs
+from mace_ops import cli, evaluation, run_inputs
 from mace_ops.checkpoint import write_tiny_sd1_checkpoint
+from mace_ops.erasure import load_erasure
 from mace_ops.hosts.base import matrix_names, sd1_block_names
-from mace_ops.io import load_erasure
 from mace_ops.tokens import sd1_token_ids
 
 FAST = ["--images", "1", "--size", "64", "--sample-steps", "2", "--steps", "2", "--report-images", "0", "--quiet"]
@@ -198,13 +198,12 @@ def test_eval_objects_reports_what_it_computed(tmp_path, tiny_file):
     c = m["computed"]
     assert m["erased"] == ["airplane"] and set(c) >= {"acc_e", "acc_s", "harmonic"} and m["not_computed"] == {}
     assert c["acc_e"] in (0.0, 1.0) and c["acc_s"] in (0.0, 1.0)  # one erased image, one preserved
-    assert c["harmonic"] == pytest.approx(cli._harmonic(1 - c["acc_e"], c["acc_s"]))
+    assert c["harmonic"] == pytest.approx(evaluation._harmonic(1 - c["acc_e"], c["acc_s"]))
 
 
 def test_eval_applies_an_erasure_file_and_refuses_another_base(tmp_path, tiny_file, tiny_host):
     from mace_ops.concepts import Concept
-    from mace_ops.io import save_erasure
-    from mace_ops.pipeline import Erasure
+    from mace_ops.erasure import Erasure, save_erasure
 
     w0 = tiny_host.cross_attention_weights()
     new = {n: w * 1.01 for n, w in w0.items()}

@@ -175,7 +175,7 @@ def test_one_lora_per_concept(tiny_host, tmp_path, names, shapes):
 def test_cli_fuse_writes_the_erasure_of_the_closed_form_and_refuses_bad_inputs(tmp_path, names, shapes, capsys):
     from mace_ops.checkpoint import load_sd1_host, write_tiny_sd1_checkpoint
     from mace_ops.cli import main
-    from mace_ops.io import load_erasure
+    from mace_ops.erasure import load_erasure
     from mace_ops.pipeline import preservation_statistics
 
     ckpt = write_tiny_sd1_checkpoint(tmp_path / "tiny.safetensors", seed=0)

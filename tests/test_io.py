@@ -16,11 +16,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from mace_ops import erasure as me
 from mace_ops import io as mio
 from mace_ops.concepts import Concept
+from mace_ops.erasure import Erasure
 from mace_ops.errors import MaceError
 from mace_ops.hosts.base import matrix_names, sd1_block_names
-from mace_ops.pipeline import Erasure
 
 
 def _weights(seed: int = 0, d_ctx: int = 12) -> dict[str, torch.Tensor]:
@@ -150,7 +151,7 @@ def test_corrupt_header_is_refused(tmp_path):
 def test_erasure_round_trip_stores_only_changed_diffs(tmp_path):
     original = _weights()
     erasure = _erasure(original, changed=5)
-    p = mio.save_erasure(erasure, original, tmp_path / "e.safetensors")
+    p = me.save_erasure(erasure, original, tmp_path / "e.safetensors")
     with safe_open(str(p), framework="pt") as f:
         keys = sorted(f.keys())
         meta = f.metadata()
@@ -159,21 +160,21 @@ def test_erasure_round_trip_stores_only_changed_diffs(tmp_path):
     assert meta["mace.format"] == "mace-erasure" and meta["mace.base_fingerprint"] == "abc123"
     assert json.loads(meta["mace.concepts"])[1] == {"phrase": "Monet", "anchor": "art", "kind": "style"}
 
-    loaded, diffs = mio.load_erasure(p, original_weights=original, expected_fingerprint="abc123")
+    loaded, diffs = me.load_erasure(p, original_weights=original, expected_fingerprint="abc123")
     assert sorted(diffs) == changed
     for n in changed:
         torch.testing.assert_close(diffs[n], erasure.weights[n] - original[n])
         torch.testing.assert_close(loaded.weights[n], erasure.weights[n])
     assert loaded.concepts == erasure.concepts and loaded.metadata == erasure.metadata
     with pytest.raises(MaceError, match="made for base model 'abc123'"):
-        mio.load_erasure(p, expected_fingerprint="other")
+        me.load_erasure(p, expected_fingerprint="other")
 
 
 def test_diffs_applied_like_comfyui_documented_key_format(tmp_path):
     """Apply the file the way comfy/lora.py does: key ``diffusion_model.<p>`` -> ``<p>.weight``, W0 + s·diff."""
     original = _weights()
     erasure = _erasure(original, changed=32)
-    p = mio.save_erasure(erasure, original, tmp_path / "e.safetensors")
+    p = me.save_erasure(erasure, original, tmp_path / "e.safetensors")
     unet_sd = {f"diffusion_model.{n}.weight": w for n, w in original.items()}
     key_map = {k[: -len(".weight")]: k for k in unet_sd}  # ComfyUI's generic "<path>" -> "<path>.weight"
     tensors, _ = mio.read_safetensors(p)
@@ -183,7 +184,7 @@ def test_diffs_applied_like_comfyui_documented_key_format(tmp_path):
         assert key.endswith(".diff")
         target = key_map[key[: -len(".diff")]]
         patched[target] = unet_sd[target] + strength * diff
-    ours = mio.apply_erasure_weights(original, mio.load_erasure(p)[1], strength)
+    ours = me.apply_erasure_weights(original, me.load_erasure(p)[1], strength)
     for n in original:
         torch.testing.assert_close(ours[n], patched[f"diffusion_model.{n}.weight"])
         torch.testing.assert_close(ours[n], original[n] + strength * (erasure.weights[n] - original[n]))
@@ -192,27 +193,27 @@ def test_diffs_applied_like_comfyui_documented_key_format(tmp_path):
 def test_apply_refuses_other_model():
     original = _weights()
     with pytest.raises(MaceError, match="made for another model"):
-        mio.apply_erasure_weights(original, {"nope.to_k": torch.zeros(1, 1)})
+        me.apply_erasure_weights(original, {"nope.to_k": torch.zeros(1, 1)})
     name = sorted(original)[0]
     with pytest.raises(MaceError, match=f"{name}.*made for another model"):
-        mio.apply_erasure_weights(original, {name: torch.zeros(1, 1)})
+        me.apply_erasure_weights(original, {name: torch.zeros(1, 1)})
 
 
 def test_load_erasure_refuses_other_files(tmp_path):
     p = tmp_path / "lora.safetensors"
     save_file({"x": torch.zeros(2, 2)}, str(p))
     with pytest.raises(MaceError, match="not a MACE erasure file"):
-        mio.load_erasure(p)
+        me.load_erasure(p)
     q = tmp_path / "nan.safetensors"
     save_file({"diffusion_model.a.to_k.diff": torch.tensor([[float("nan")]])}, str(q),
               metadata={"mace.format": "mace-erasure", "mace.format_version": "1"})
     with pytest.raises(MaceError, match="NaN"):
-        mio.load_erasure(q)
+        me.load_erasure(q)
     r = tmp_path / "badkey.safetensors"
     save_file({"diffusion_model.a.to_q.diff": torch.zeros(1, 1)}, str(r),
               metadata={"mace.format": "mace-erasure", "mace.format_version": "1"})
     with pytest.raises(MaceError, match="to_k/to_v"):
-        mio.load_erasure(r)
+        me.load_erasure(r)
 
 
 def test_comfyui_lora_loader_accepts_our_keys(tmp_path):
@@ -251,12 +252,12 @@ def test_comfyui_lora_loader_accepts_our_keys(tmp_path):
     original = {n: torch.randn(shapes[f"diffusion_model.{n}.weight"], generator=g)
                 for n in matrix_names(sd1_block_names())}
     erasure = _erasure(original, changed=32)
-    p = mio.save_erasure(erasure, original, tmp_path / "e.safetensors")
+    p = me.save_erasure(erasure, original, tmp_path / "e.safetensors")
     sd = comfy.utils.load_torch_file(str(p), safe_load=True)
     key_map = comfy.lora.model_lora_keys_unet(model, {})
     patches = comfy.lora.load_lora(sd, key_map, log_missing=False)
     assert len(patches) == 32
-    ours = mio.apply_erasure_weights(original, mio.load_erasure(p)[1], 0.7)
+    ours = me.apply_erasure_weights(original, me.load_erasure(p)[1], 0.7)
     for n, w0 in original.items():
         key = f"diffusion_model.{n}.weight"
         theirs = comfy.lora.calculate_weight([(0.7, patches[key], 1.0, None, None)], w0.clone(), key)

@@ -210,16 +210,16 @@ def test_a_sanitized_checkpoint_keeps_the_files_dtype(tmp_path, dtype):
     """The float32 result is rounded to nearest into the file's own dtype; nothing else changes."""
     from safetensors.torch import load_file, save_file
 
-    from mace_ops.checkpoint import UNET_PREFIX, save_sanitized_checkpoint
+    from mace_ops.checkpoint import CHECKPOINT_UNET_PREFIX, save_sanitized_checkpoint
 
     name = "input_blocks.1.1.transformer_blocks.0.attn2.to_k"
     g = torch.Generator().manual_seed(0)
-    src = {f"{UNET_PREFIX}{name}.weight": torch.randn(8, 768, generator=g).to(dtype),
+    src = {f"{CHECKPOINT_UNET_PREFIX}{name}.weight": torch.randn(8, 768, generator=g).to(dtype),
            "cond_stage_model.other.weight": torch.randn(4, 4, generator=g).to(dtype)}
     save_file(src, tmp_path / "in.safetensors")
     new = torch.randn(8, 768, generator=g) * 0.03  # float32, as CFR/fusion return it
     save_sanitized_checkpoint(tmp_path / "in.safetensors", {name: new}, tmp_path / "out.safetensors")
     out = load_file(tmp_path / "out.safetensors")
-    assert out[f"{UNET_PREFIX}{name}.weight"].dtype == dtype
-    assert torch.equal(out[f"{UNET_PREFIX}{name}.weight"], new.to(dtype))
+    assert out[f"{CHECKPOINT_UNET_PREFIX}{name}.weight"].dtype == dtype
+    assert torch.equal(out[f"{CHECKPOINT_UNET_PREFIX}{name}.weight"], new.to(dtype))
     assert torch.equal(out["cond_stage_model.other.weight"], src["cond_stage_model.other.weight"])

@@ -192,8 +192,7 @@ def test_probe_settings_and_inputs_are_checked(tiny_host):
 def world_erasure(world, tmp_path_factory):
     """A small erasure file for the world model (W0 with to_k scaled by 0.9), naming a style and an object."""
     from mace_ops.concepts import Concept
-    from mace_ops.io import save_erasure
-    from mace_ops.pipeline import Erasure
+    from mace_ops.erasure import Erasure, save_erasure
 
     host, _ = world
     w0 = host.cross_attention_weights()

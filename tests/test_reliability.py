@@ -1,7 +1,8 @@
 """Reliability (issue 7): bad input -> a MaceError naming the input and the fix, nothing changed; faults
 (interrupts, crashes, full disks, foreign or hostile files) lose nothing finished and never touch the host.
 
-Cases already covered elsewhere are listed in tests/RELIABILITY_TABLE.md; this file holds the rest.
+Cases already covered elsewhere are listed in the README's "What happens when ..." table (its "Proved by"
+column); this file holds the rest.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from mace_ops import cli
+from mace_ops import erasure as me
 from mace_ops import io as mio
 from mace_ops.checkpoint import load_sd1_host, load_sd1_modules, save_sanitized_checkpoint
 from mace_ops.concepts import Concept, parse_concept_list
@@ -274,7 +276,7 @@ _LOADERS = {
     "read_safetensors": lambda p: mio.read_safetensors(p),
     "read_metadata": lambda p: mio.read_safetensors_metadata(p),
     "load_bank": lambda p: load_bank(p),
-    "load_erasure": lambda p: mio.load_erasure(p),
+    "load_erasure": lambda p: me.load_erasure(p),
     "load_sd1_modules": lambda p: load_sd1_modules(p),
     "load_sd1_host": lambda p: load_sd1_host(p),
     "sanitize_source": lambda p: save_sanitized_checkpoint(p, {}, Path(p).with_name("out.safetensors")),
@@ -315,10 +317,10 @@ def real_files(tmp_path_factory, tiny_host):
     names = sorted(W0)[:3]
     erasure = Erasure({n: W0[n] + 0.01 for n in names}, tiny_host.model_fingerprint(), [Concept("cat", "a dog")],
                       {"seed": 0})
-    e = mio.save_erasure(erasure, W0, folder / "erasure.safetensors")
+    e = me.save_erasure(erasure, W0, folder / "erasure.safetensors")
     bank = LoRABank({n: tuple(W0[n].shape) for n in names}, ["cat", "owl"], rank=1)
     b = save_bank(bank, folder / "bank.safetensors", metadata={"fingerprint": tiny_host.model_fingerprint()})
-    return {"erasure": (e, lambda p: mio.load_erasure(p, original_weights=W0)), "bank": (b, lambda p: load_bank(p))}
+    return {"erasure": (e, lambda p: me.load_erasure(p, original_weights=W0)), "bank": (b, lambda p: load_bank(p))}
 
 
 @pytest.mark.parametrize("kind", ["erasure", "bank"])
@@ -362,10 +364,10 @@ def test_bank_for_another_model_or_rank_is_refused(real_files, what, expected, m
 def test_erasure_for_another_model_is_refused(real_files, tiny_host):
     path = real_files["erasure"][0]
     with pytest.raises(MaceError, match="made for base model .* not this one"):
-        mio.load_erasure(path, expected_fingerprint="f" * 64)
+        me.load_erasure(path, expected_fingerprint="f" * 64)
     small = {n: w[:, :10] for n, w in tiny_host.cross_attention_weights().items()}
     with pytest.raises(MaceError, match="it was made for another model"):
-        mio.load_erasure(path, original_weights=small)
+        me.load_erasure(path, original_weights=small)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -380,7 +382,7 @@ def _writers(tmp_path, tiny_host):
     src = tmp_path / "src.safetensors"
     save_file({f"model.diffusion_model.{name}.weight": W0[name]}, str(src))
     return {
-        "save_erasure": lambda p: mio.save_erasure(erasure, W0, p),
+        "save_erasure": lambda p: me.save_erasure(erasure, W0, p),
         "save_bank": lambda p: save_bank(bank, p),
         "save_sanitized_checkpoint": lambda p: save_sanitized_checkpoint(src, {name: W0[name] + 1}, p),
     }

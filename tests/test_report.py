@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mace_ops.concepts import Concept, concept_prompt_pairs
-from mace_ops.pipeline import Erasure
+from mace_ops.erasure import Erasure
 from mace_ops.report import AttentionMass, kv_metrics, write_report
 
 END, START, D = 49407, 49406, 6

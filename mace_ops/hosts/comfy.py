@@ -67,7 +67,8 @@ from .base import (
     weights_fingerprint,
 )
 
-UNET_PREFIX = "diffusion_model."
+#: key prefix of the UNet in a ComfyUI model's state (model.diffusion_model.<path>.weight in a checkpoint file)
+COMFY_UNET_PREFIX = "diffusion_model."
 ATTACHMENT = "mace_base"
 #: input_blocks.<i>.<j>.transformer_blocks.<t>.attn2 | middle_block.<j>.transformer_blocks.<t>.attn2 | output_...
 _BLOCK_RE = re.compile(
@@ -195,7 +196,7 @@ class ComfyHost:
         if "fingerprint" not in self._cache:
             model = self._need_model()
             names = matrix_names(list(self._modules))
-            w = {n: effective_weight(model, f"{UNET_PREFIX}{n}.weight", patched=False) for n in names}
+            w = {n: effective_weight(model, f"{COMFY_UNET_PREFIX}{n}.weight", patched=False) for n in names}
             self._cache["fingerprint"] = weights_fingerprint(w, names)
         return self._cache["fingerprint"]
 
@@ -288,7 +289,7 @@ class ComfyHost:
         """The effective (patched) to_k/to_v, float32 CPU copies, in block order."""
         model = self._need_model()
         names = matrix_names(list(self._modules))
-        return {n: effective_weight(model, f"{UNET_PREFIX}{n}.weight") for n in names}
+        return {n: effective_weight(model, f"{COMFY_UNET_PREFIX}{n}.weight") for n in names}
 
     def with_weights(self, weights: Mapping[str, Tensor]) -> ComfyHost:
         """A host on ``model.clone()`` whose to_k/to_v are ``weights`` (missing names keep this host's);
@@ -300,7 +301,7 @@ class ComfyHost:
         clone = self.model.clone()
         with torch.inference_mode(False):
             diffs = {
-                f"{UNET_PREFIX}{n}.weight": (w.detach().to("cpu", torch.float32) - current[n],)
+                f"{COMFY_UNET_PREFIX}{n}.weight": (w.detach().to("cpu", torch.float32) - current[n],)
                 for n, w in weights.items()
             }
         added = clone.add_patches(diffs, 1.0, 1.0)
@@ -328,7 +329,7 @@ class ComfyHost:
         memo: dict[int, Any] = {}
         with torch.inference_mode(False):
             for name, p in dm.named_parameters():
-                w = effective_weight(self.model, f"{UNET_PREFIX}{name}")
+                w = effective_weight(self.model, f"{COMFY_UNET_PREFIX}{name}")
                 memo[id(p)] = nn.Parameter(w.to(device), requires_grad=False)
             for _name, b in dm.named_buffers():
                 memo[id(b)] = b.detach().to(device, copy=True)

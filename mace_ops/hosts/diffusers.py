@@ -39,10 +39,6 @@ from ..attention import explicit_attention, sdpa_attention
 from ..errors import MaceError
 from ..family import SD1, ModelFamily, family_by_name, family_from_unet_dims
 from ..tiny import (
-    SD1_BETA_END,
-    SD1_BETA_START,
-    SD1_SCALING_FACTOR,
-    SD1_TRAIN_STEPS,
     build_tiny,
     build_tiny_sd,
     ldm_cross_attention_names,
@@ -62,9 +58,9 @@ from .base import (
 
 #: SD1.x's sampler settings (scheduler_config.json of the SD1.x pipelines), for DDIMScheduler.from_config
 SD1_SCHEDULER_CONFIG: dict[str, Any] = {
-    "num_train_timesteps": SD1_TRAIN_STEPS,
-    "beta_start": SD1_BETA_START,
-    "beta_end": SD1_BETA_END,
+    "num_train_timesteps": SD1.train_steps,
+    "beta_start": SD1.beta_start,
+    "beta_end": SD1.beta_end,
     "beta_schedule": "scaled_linear",
     "clip_sample": False,
     "set_alpha_to_one": False,
@@ -498,7 +494,7 @@ class DiffusersHost:
     # ------------------------------------------------------------------ VAE
     @property
     def scaling_factor(self) -> float:
-        return float(getattr(self.vae.config, "scaling_factor", SD1_SCALING_FACTOR))
+        return float(getattr(self.vae.config, "scaling_factor", self.family.vae_scale))
 
     @torch.no_grad()
     def vae_encode(self, images: Tensor) -> Tensor:

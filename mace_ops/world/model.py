@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..tiny import SD1_SCALING_FACTOR, TinySD, sd1_alphas_cumprod
+from ..family import SD1
+from ..tiny import TinySD, sd1_alphas_cumprod
 
 WEIGHTS_DIR = Path(__file__).with_name("weights")
 TEXT_SEED = 1212
@@ -56,7 +57,7 @@ def build_vae() -> nn.Module:
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 32, 64),
         layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=IMAGE_SIZE,
-        scaling_factor=SD1_SCALING_FACTOR,
+        scaling_factor=SD1.vae_scale,
     )
 
 

@@ -47,7 +47,7 @@ grep -vE '^(torch|torchvision|torchaudio|spandrel)([<>=~ ]|$)' "$COMFY/requireme
 "$PIP" install -q -c "$VENV/torch-constraint.txt" -r "$REPO/.comfy/req-no-torch.txt"
 "$PIP" install -q --no-deps spandrel
 # this pack and its test dependencies, never another torch
-"$PIP" install -q -c "$VENV/torch-constraint.txt" peft safetensors pytest
+"$PIP" install -q -c "$VENV/torch-constraint.txt" safetensors pytest
 "$PIP" install -q --no-deps -e "$REPO"
 ln -sfn "$REPO" "$COMFY/custom_nodes/mace"
 
