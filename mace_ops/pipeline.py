@@ -29,6 +29,7 @@ from torch import Tensor
 from .closed_form import FusionProblem, Preservation, refine_cross_attention
 from .concepts import Concept, Preset, concept_prompt_pairs, concept_prompts
 from .errors import MaceError
+from .harden import HardenConfig, harden_refinement
 from .hosts.base import Host
 from .lora import LoRABank
 from .preservation import cached_preservation_moments, default_corpus, preservation_moments
@@ -70,6 +71,13 @@ class ErasureSettings:
     seed: int = 0
     #: the ``fast`` mode: CFR's closed form only (seconds), no training data, LoRAs or fusion
     closed_form_only: bool = False
+    #: hardening against concept inversion after CFR (``mace_ops.harden``): rounds (0: off), original-model
+    #: images per concept, inversion steps / lr, weight of the recovered token's pairs
+    harden_rounds: int = 0
+    harden_images: int = 8
+    harden_steps: int = 200
+    harden_lr: float = 5e-3
+    harden_weight: float = 1.0
     # 8 concepts share a forward: bounds memory on full-size models, and an interrupt loses at most 8.
     train: TrainConfig = field(default_factory=lambda: TrainConfig(concepts_per_batch=8))
 
@@ -92,6 +100,11 @@ class ErasureSettings:
             train=train,
         )
         return dataclasses.replace(settings, **overrides)
+
+    def harden(self) -> HardenConfig:
+        """The hardening fields as a checked ``HardenConfig``."""
+        return HardenConfig(self.harden_rounds, self.harden_images, self.harden_steps, self.harden_lr,
+                            self.harden_weight).check()
 
     def as_metadata(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -249,6 +262,28 @@ def refine_weights(
     return refine_cross_attention(w0, cross, gram, preserve, ridge, relative_ridge)
 
 
+def harden_weights(
+    host: Host,
+    concepts: Sequence[Concept],
+    settings: ErasureSettings,
+    preserve: Sequence[Preservation] = (),
+    *,
+    original: Mapping[str, Tensor] | None = None,
+    progress: Progress | None = None,
+    check_interrupt: Interrupt | None = None,
+) -> tuple[dict[str, Tensor], list[dict[str, Any]]]:
+    """Stage 1 hardened against concept inversion (``mace_ops.harden``): CFR, then
+    ``settings.harden_rounds`` rounds of inverting each concept on the erased model and re-solving CFR
+    with the recovered token's pairs added. ``host`` is the ORIGINAL model. Returns (weights, record)."""
+    cross, gram = concept_pair_moments(host, concepts, check_interrupt=check_interrupt)
+    w0 = float32_weights(original if original is not None else host.cross_attention_weights())
+    sampler = dict(steps=settings.sample_steps, cfg=settings.cfg, height=settings.image_size,
+                   width=settings.image_size)
+    return harden_refinement(host, concepts, w0, cross, gram, settings.harden(), preserve=preserve,
+                             ridge=settings.ridge, relative_ridge=settings.relative_ridge, sampler=sampler,
+                             seed=settings.seed, progress=progress, check_interrupt=check_interrupt)
+
+
 def fuse_weights(
     host: Host,
     refined: Mapping[str, Tensor],
@@ -302,6 +337,7 @@ def run_erasure(
     per concept on its workers (their host must be ``host``'s model); fusion stays here."""
 
     settings = settings or ErasureSettings()
+    settings.harden()  # refuse bad hardening settings before any work
     concepts = list(concepts)
     if not concepts:
         raise MaceError("the concept list is empty: give at least one concept to erase")
@@ -317,8 +353,14 @@ def run_erasure(
         host, concepts, stats.groups(settings.cfr_preserve, settings.cfr_retained), settings.ridge,
         relative_ridge=settings.relative_ridge, original=original, progress=emit, check_interrupt=check_interrupt,
     )
+    hardening: list[dict[str, Any]] = []
+    if settings.harden_rounds > 0:
+        refined, hardening = harden_weights(
+            host, concepts, settings, stats.groups(settings.cfr_preserve, settings.cfr_retained), original=original,
+            progress=emit, check_interrupt=check_interrupt,
+        )
     if settings.closed_form_only:
-        return _erasure(host, refined, concepts, settings, losses={})
+        return _erasure(host, refined, concepts, settings, losses={}, hardening=hardening)
     if engine is None:
         bank, losses = _train_here(host, concepts, refined, settings, user_images, user_masks, cache, emit,
                                    check_interrupt)
@@ -329,16 +371,19 @@ def run_erasure(
         host, refined, bank, concepts, stats.groups(settings.fusion_preserve, settings.fusion_retained),
         settings.ridge, relative_ridge=settings.relative_ridge, original=original, progress=emit, check_interrupt=check_interrupt,
     )
-    return _erasure(host, fused, concepts, settings, losses)
+    return _erasure(host, fused, concepts, settings, losses, hardening=hardening)
 
 
 def _erasure(host: Host, weights: Mapping[str, Tensor], concepts: list[Concept], settings: ErasureSettings,
-             losses: Mapping[str, Any]) -> Erasure:
+             losses: Mapping[str, Any], hardening: Sequence[Mapping[str, Any]] = ()) -> Erasure:
+    metadata: dict[str, Any] = {"settings": settings.as_metadata(), "losses": dict(losses)}
+    if hardening:
+        metadata["hardening"] = [dict(h) for h in hardening]
     return Erasure(
         weights={k: v.detach().float().cpu() for k, v in weights.items()},
         base_fingerprint=host.model_fingerprint(),
         concepts=concepts,
-        metadata={"settings": settings.as_metadata(), "losses": dict(losses)},
+        metadata=metadata,
     )
 
 
