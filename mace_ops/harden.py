@@ -111,7 +111,7 @@ def harden_refinement(
     """``(W_N', record)``: CFR of ``original`` (W0) on ``cross``/``gram`` hardened for ``config.rounds``
     rounds (see the module docstring). ``host`` is the ORIGINAL model (it draws the images);
     ``sampler``: ``generate`` keywords (steps, cfg, height, width). ``record``: per round and concept
-    the inversion's first and last loss."""
+    the inversion's first and last loss and the recovered ``vector`` (d_emb,)."""
     config.check()
     solve = dict(preserve=preserve, ridge=ridge, relative_ridge=relative_ridge)
     weights = refine_cross_attention(original, cross, gram, **solve)
@@ -131,7 +131,8 @@ def harden_refinement(
             vector, losses = invert_concept(erased, images[c.phrase], templates, steps=config.steps, lr=config.lr,
                                             init_word=_init_word(host, c.anchor), seed=seed + SEED_OFFSET + r)
             rec_cross, rec_gram = recovered_pair_moments(host, c, vector, rec_cross, rec_gram)
-            record.append({"round": r + 1, "concept": c.phrase, "loss_first": losses[0], "loss_last": losses[-1]})
+            record.append({"round": r + 1, "concept": c.phrase, "loss_first": losses[0], "loss_last": losses[-1],
+                           "vector": vector})
             if progress is not None:
                 progress("harden", r * len(concepts) + i + 1, total, {"concept": c.phrase, "loss": losses[-1]})
         c2, g2 = add_recovered_pairs(cross, gram, [(rec_cross, rec_gram)], config.weight)

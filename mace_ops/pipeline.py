@@ -378,7 +378,7 @@ def _erasure(host: Host, weights: Mapping[str, Tensor], concepts: list[Concept],
              losses: Mapping[str, Any], hardening: Sequence[Mapping[str, Any]] = ()) -> Erasure:
     metadata: dict[str, Any] = {"settings": settings.as_metadata(), "losses": dict(losses)}
     if hardening:
-        metadata["hardening"] = [dict(h) for h in hardening]
+        metadata["hardening"] = [{k: v for k, v in h.items() if k != "vector"} for h in hardening]
     return Erasure(
         weights={k: v.detach().float().cpu() for k, v in weights.items()},
         base_fingerprint=host.model_fingerprint(),
