@@ -117,3 +117,11 @@ def _residual(W: dict, W0: dict, x_r: torch.Tensor, x_g: torch.Tensor) -> float:
     """Σ_matrices Σ_pairs ||W e_r − W0 e_g||² on the stacked rows."""
     return sum(float(((x_r.double() @ w.double().T - x_g.double() @ W0[k].double().T) ** 2).sum())
                for k, w in W.items())
+
+
+def test_probe_report_says_when_an_erasure_was_hardened():
+    from mace_ops.probe_cli import hardening_note
+
+    assert hardening_note({"settings": {"harden_rounds": 0}}) is None and hardening_note({}) is None
+    note = hardening_note({"settings": {"harden_rounds": 2, "harden_steps": 25, "seed": 3}})
+    assert "hardened against concept inversion (2 round(s) of 25 steps" in note and "seed 50003" in note
