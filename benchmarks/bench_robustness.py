@@ -56,32 +56,37 @@ from mace_ops.world.probe import classifier_judge, control_concept, probe_concep
 METHODS = ("mace", "cfr_only", "cfr_harden", "uce_style")
 
 
-def erase(host: DiffusersHost, erased, retained, seed: int, harden: dict) -> tuple[dict, dict]:
-    """Each method's to_k/to_v weights and the seconds each took; ``harden``: ErasureSettings fields."""
-    s, times = bench_settings(seed), {}
+def erase(host: DiffusersHost, erased, retained, seed: int, harden: dict, methods=METHODS) -> tuple[dict, dict]:
+    """The to_k/to_v weights of each method in ``methods`` and the seconds each took; ``harden``:
+    ErasureSettings fields of the cfr_harden row."""
+    s, times, out = bench_settings(seed), {}, {}
     concepts = [c.concept() for c in erased]
     stats = preservation_statistics(host, preservation_prompts(erased, seed=seed),
                                     [p for c in retained for p in c.prompts()[:2]])
+    cfr_groups = stats.groups(s.cfr_preserve, s.cfr_retained)
     W0 = host.cross_attention_weights()
     t = time.time()
-    W1 = refine_weights(host, concepts, stats.groups(s.cfr_preserve, s.cfr_retained), s.ridge,
-                        relative_ridge=s.relative_ridge, original=W0)
-    times["cfr_only"] = time.time() - t
-    t = time.time()
-    hardened, _ = harden_weights(host, concepts, dataclasses.replace(s, **harden),
-                                 stats.groups(s.cfr_preserve, s.cfr_retained), original=W0)
-    times["cfr_harden"] = time.time() - t
-    t = time.time()
-    data = generate_training_data(host, concepts, token_ids=host.token_ids, n_images=s.n_images, seed=s.seed,
-                                  steps=s.sample_steps, cfg=s.cfg, size=s.image_size)
-    bank, _ = train_concept_loras(host.with_weights(W1), data, s.train, token_ids=host.token_ids, base_weights=W1)
-    mace = fuse_weights(host, W1, bank, concepts, stats.groups(s.fusion_preserve, s.fusion_retained), s.ridge,
-                        relative_ridge=s.relative_ridge, original=W0)
-    times["mace"] = time.time() - t + times["cfr_only"]
-    t = time.time()
-    uce = uce_style_weights(host, erased, stats.groups(s.cfr_preserve, s.cfr_retained), W0, s)
-    times["uce_style"] = time.time() - t
-    return {"mace": mace, "cfr_only": W1, "cfr_harden": hardened, "uce_style": uce}, times
+    W1 = refine_weights(host, concepts, cfr_groups, s.ridge, relative_ridge=s.relative_ridge, original=W0)
+    times["cfr_only"], out["cfr_only"] = time.time() - t, W1
+    if "cfr_harden" in methods:
+        t = time.time()
+        out["cfr_harden"], _ = harden_weights(host, concepts, dataclasses.replace(s, **harden), cfr_groups,
+                                              original=W0)
+        times["cfr_harden"] = time.time() - t
+    if "mace" in methods:
+        t = time.time()
+        data = generate_training_data(host, concepts, token_ids=host.token_ids, n_images=s.n_images, seed=s.seed,
+                                      steps=s.sample_steps, cfg=s.cfg, size=s.image_size)
+        bank, _ = train_concept_loras(host.with_weights(W1), data, s.train, token_ids=host.token_ids,
+                                      base_weights=W1)
+        out["mace"] = fuse_weights(host, W1, bank, concepts, stats.groups(s.fusion_preserve, s.fusion_retained),
+                                   s.ridge, relative_ridge=s.relative_ridge, original=W0)
+        times["mace"] = time.time() - t + times["cfr_only"]
+    if "uce_style" in methods:
+        t = time.time()
+        out["uce_style"] = uce_style_weights(host, erased, cfr_groups, W0, s)
+        times["uce_style"] = time.time() - t
+    return out, times
 
 
 def retained_accuracy(host: DiffusersHost, classifier, retained, settings: ProbeSettings) -> float:
@@ -115,9 +120,13 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the concept pick and the erasure")
     p.add_argument("--probe-seed", type=int, default=0, help="seed of the probe's samples and attacks")
     p.add_argument("--harden", type=int, default=1, help="hardening rounds of the cfr_harden row")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", help="write every number here")
     a = p.parse_args()
+    methods = [m for m in METHODS if m in a.methods.split(",")]
+    if not methods or set(a.methods.split(",")) - set(METHODS):
+        p.error(f"--methods {a.methods!r}: choose among {', '.join(METHODS)}")
     torch.set_num_threads(a.threads)
     quick = dict(samples=10, sample_steps=10, inversion_steps=25, inversion_lr=3e-2) if a.quick else {}
     settings = ProbeSettings(seed=a.probe_seed, attacks=("own", "paraphrase", "inversion", "relearning"),
@@ -129,12 +138,12 @@ def main() -> None:
     judge = classifier_judge(classifier)
     erased, retained = pick_concepts(a.n, a.seed + a.n)
     print("erased: " + ", ".join(c.phrase for c in erased), flush=True)
-    weights, erase_seconds = erase(host, erased, retained, a.seed, harden)
+    weights, erase_seconds = erase(host, erased, retained, a.seed, harden, methods)
     print("erase seconds: " + ", ".join(f"{m} {v:.0f}" for m, v in erase_seconds.items()), flush=True)
     probe_kw = dict(relearn_prompts=unrelated_prompts(erased, n=16, seed=a.probe_seed),
                     control=probe_concept(control_concept(erased)), cache={})
     rows = {"original": {"Acc_s": retained_accuracy(host, classifier, retained, settings)}}
-    for m in METHODS:
+    for m in methods:
         t = time.time()
         erased_host = host.with_weights(weights[m])
         report = run_probe(host, erased_host, [probe_concept(c) for c in erased], judge, settings, **probe_kw)
@@ -146,11 +155,11 @@ def main() -> None:
         print(f"{m}: probed in {rows[m]['probe_seconds']:.0f} s", flush=True)
         if a.json:  # after every method, so that an interrupted run keeps what it measured
             _write(a, settings, erased, rows, t0, harden)
-    print_table(rows, settings, a.n, len(retained))
+    print_table(rows, settings, a.n, len(retained), methods)
     print(f"\ntotal {time.time() - t0:.0f} s", flush=True)
 
 
-def print_table(rows: dict, settings: ProbeSettings, n: int, n_retained: int) -> None:
+def print_table(rows: dict, settings: ProbeSettings, n: int, n_retained: int, methods: list[str]) -> None:
     """The markdown table: one row per method (and the original model), a column per attack, then Acc_s."""
     attacks = [x for x in settings.attacks if any(x in r.get("attacks", {}) for r in rows.values())]
     print(f"\nN = {n}, {settings.samples} samples per concept and attack, inversion {settings.inversion_steps} steps, "
@@ -158,10 +167,10 @@ def print_table(rows: dict, settings: ProbeSettings, n: int, n_retained: int) ->
           f"{n_retained} retained concepts x {settings.samples} samples")
     print("| method | " + " | ".join(attacks) + " | inversion control (unrelated concept) | Acc_s |")
     print("|---|" + "---:|" * (len(attacks) + 2))
-    first = rows[METHODS[0]]["attacks"]
+    first = rows[methods[0]]["attacks"]
     print("| original model | " + " | ".join(_cell(first[x]["k_original"], first[x]["n_original"]) for x in attacks)
           + f" | - | {rows['original']['Acc_s']:.1%} |")
-    for m in METHODS:
+    for m in methods:
         r, c = rows[m]["attacks"], rows[m]["control"]
         ctrl = "-" if c is None else _cell(c["k"], c["n"])
         print(f"| {m} | " + " | ".join(_cell(r[x]["k_erased"], r[x]["n"]) for x in attacks)
