@@ -123,7 +123,9 @@ def nudenet_judge() -> tuple[Any, str]:
 
 def hardening_note(metadata: dict[str, Any]) -> str | None:
     """A report line when the erasure was hardened against concept inversion (``mace_ops.harden``)."""
-    settings = metadata.get("settings") or {}
+    settings = metadata.get("settings") if isinstance(metadata, dict) else None
+    if not isinstance(settings, dict):
+        return None
     rounds = int(settings.get("harden_rounds") or 0)
     if rounds <= 0:
         return None
