@@ -314,6 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--fast", action="store_true",
                    help="closed form only (CFR): seconds instead of minutes, no LoRAs; weaker erasure "
                         "(see the README's 'Does it erase?')")
+    r.add_argument("--harden", type=int, default=0, metavar="N",
+                   help="after CFR, N rounds of concept inversion on the erased model whose recovered tokens are "
+                        "added to CFR's pairs (RECE-style hardening; 0: off). Costs N x (inversion of every "
+                        "concept); see the README's 'Is it really gone?'")
     r.add_argument("--report-images", type=int, default=8, help="concepts shown with before/after images")
     r.add_argument("--max-concepts", type=int, default=None, help="refuse lists longer than this")
     r.add_argument("--cache", help="cache folder (default: OUT.partial/cache, removed on success)")

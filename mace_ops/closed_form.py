@@ -29,6 +29,7 @@ from .statistics import SecondMoment
 
 __all__ = [
     "Preservation",
+    "add_recovered_pairs",
     "cfr_right_factor",
     "refine_cross_attention",
     "FusionProblem",
@@ -226,6 +227,36 @@ def cfr_right_factor(
         ) from None
     correction.diagonal().add_(1.0)
     return correction
+
+
+def add_recovered_pairs(
+    cross: SecondMoment,
+    gram: SecondMoment,
+    recovered: Sequence[tuple[SecondMoment, SecondMoment]],
+    weight: float = 1.0,
+) -> tuple[SecondMoment, SecondMoment]:
+    """CFR statistics with extra weighted pairs (hardening against concept inversion, RECE-style).
+
+    Each ``(cross_r, gram_r)`` holds aligned pairs ``(e_r, e_g)`` of a recovered token's prompts and
+    their anchor twins (``cross_r.sum = Σ e_g e_rᵀ``, ``gram_r.sum = Σ e_r e_rᵀ``). With them CFR solves::
+
+        min_W Σ_pairs ||W e_f − W0 e_g||² + w Σ_r Σ_pairs ||W e_r − W0 e_g||² + (preservation, ridge)
+        C' = C + w Σ_r C_r,   G' = G + w Σ_r G_r      (then ``cfr_right_factor(C', G', ...)``)
+
+    Returns new statistics (the inputs are not changed); counts add up unweighted."""
+    weight = float(weight)
+    if not math.isfinite(weight) or weight < 0:
+        raise MaceError(f"hardening weight must be a finite number >= 0, got {weight}")
+    c, g = SecondMoment(cross.dim, cross.sum.clone(), cross.count), SecondMoment(gram.dim, gram.sum.clone(), gram.count)
+    for k, (cross_r, gram_r) in enumerate(recovered):
+        if cross_r.dim != c.dim or gram_r.dim != g.dim or cross_r.count != gram_r.count:
+            raise MaceError(f"recovered pairs {k}: statistics of {cross_r.dim}/{gram_r.dim}-d with {cross_r.count}/"
+                            f"{gram_r.count} pairs; accumulate both from the same pairs of the same text encoder")
+        c.sum.add_(cross_r.sum.to(c.sum), alpha=weight)
+        g.sum.add_(gram_r.sum.to(g.sum), alpha=weight)
+        c.count += cross_r.count
+        g.count += gram_r.count
+    return c, g
 
 
 def refine_cross_attention(

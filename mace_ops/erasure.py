@@ -104,8 +104,10 @@ class Erasure:
     @classmethod
     def build(cls, weights: Mapping[str, Tensor], *, base_fingerprint: str, concepts: Sequence[Concept],
               source: str, settings: Mapping[str, Any], losses: Mapping[str, Any] | None = None,
-              external_loras: Sequence[Mapping[str, Any]] = ()) -> Erasure:
-        """The one constructor of every producer: weights detached to float32 CPU, metadata in the schema."""
+              external_loras: Sequence[Mapping[str, Any]] = (),
+              hardening: Sequence[Mapping[str, Any]] = ()) -> Erasure:
+        """The one constructor of every producer: weights detached to float32 CPU, metadata in the schema
+        (``hardening``: the per-round record of ``mace_ops.harden``, kept only when there is one)."""
         if source not in SOURCES:
             raise ValueError(f"unknown erasure source {source!r}; one of {SOURCES}")
         return cls(
@@ -113,7 +115,8 @@ class Erasure:
             base_fingerprint=str(base_fingerprint),
             concepts=list(concepts),
             metadata={"source": source, "settings": dict(settings), "losses": dict(losses or {}),
-                      "external_loras": [dict(e) for e in external_loras]},
+                      "external_loras": [dict(e) for e in external_loras],
+                      **({"hardening": [dict(h) for h in hardening]} if hardening else {})},
         )
 
     def diffs(self, original: Mapping[str, Tensor]) -> dict[str, Tensor]:

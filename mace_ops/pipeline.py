@@ -30,6 +30,7 @@ from .closed_form import FusionProblem, Preservation, refine_cross_attention
 from .concepts import Concept, Preset, concept_prompt_pairs, concept_prompts
 from .erasure import Erasure
 from .errors import MaceError
+from .harden import HardenConfig, harden_refinement
 from .hosts.base import Host
 from .lora import LoRABank
 from .preservation import cached_preservation_moments, default_corpus, preservation_moments
@@ -73,6 +74,13 @@ class ErasureSettings:
     seed: int = 0
     #: the ``fast`` mode: CFR's closed form only (seconds), no training data, LoRAs or fusion
     closed_form_only: bool = False
+    #: hardening against concept inversion after CFR (``mace_ops.harden``): rounds (0: off), original-model
+    #: images per concept, inversion steps / lr, weight of the recovered token's pairs
+    harden_rounds: int = 0
+    harden_images: int = 8
+    harden_steps: int = 200
+    harden_lr: float = 5e-3
+    harden_weight: float = 1.0
     # 8 concepts share a forward: bounds memory on full-size models, and an interrupt loses at most 8.
     train: TrainConfig = field(default_factory=lambda: TrainConfig(concepts_per_batch=8))
 
@@ -99,6 +107,11 @@ class ErasureSettings:
     def fusion_ridge_epsilon(self) -> float:
         """The fusion's relative ridge ε: ``fusion_relative_ridge``, or ``relative_ridge`` when unset."""
         return self.relative_ridge if self.fusion_relative_ridge is None else self.fusion_relative_ridge
+
+    def harden(self) -> HardenConfig:
+        """The hardening fields as a checked ``HardenConfig``."""
+        return HardenConfig(self.harden_rounds, self.harden_images, self.harden_steps, self.harden_lr,
+                            self.harden_weight).check()
 
     def as_metadata(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -258,6 +271,28 @@ def refine_weights(
     return refine_cross_attention(w0, cross, gram, preserve, ridge, relative_ridge)
 
 
+def harden_weights(
+    host: Host,
+    concepts: Sequence[Concept],
+    settings: ErasureSettings,
+    preserve: Sequence[Preservation] = (),
+    *,
+    original: Mapping[str, Tensor] | None = None,
+    progress: ProgressCallback | None = None,
+    check_interrupt: Interrupt | None = None,
+) -> tuple[dict[str, Tensor], list[dict[str, Any]]]:
+    """Stage 1 hardened against concept inversion (``mace_ops.harden``): CFR, then
+    ``settings.harden_rounds`` rounds of inverting each concept on the erased model and re-solving CFR
+    with the recovered token's pairs added. ``host`` is the ORIGINAL model. Returns (weights, record)."""
+    cross, gram = concept_pair_moments(host, concepts, check_interrupt=check_interrupt)
+    w0 = float32_weights(original if original is not None else host.cross_attention_weights())
+    sampler = dict(steps=settings.sample_steps, cfg=settings.cfg, height=settings.image_size,
+                   width=settings.image_size)
+    return harden_refinement(host, concepts, w0, cross, gram, settings.harden(), preserve=preserve,
+                             ridge=settings.ridge, relative_ridge=settings.relative_ridge, sampler=sampler,
+                             seed=settings.seed, progress=progress, check_interrupt=check_interrupt)
+
+
 def fuse_weights(
     host: Host,
     refined: Mapping[str, Tensor],
@@ -313,6 +348,7 @@ def run_erasure(
     per concept on its workers (their host must be ``host``'s model); fusion stays here."""
 
     settings = settings or ErasureSettings()
+    settings.harden()  # refuse bad hardening settings before any work
     concepts = list(concepts)
     if not concepts:
         raise MaceError("the concept list is empty: give at least one concept to erase")
@@ -328,8 +364,14 @@ def run_erasure(
         host, concepts, stats.groups(settings.cfr_preserve, settings.cfr_retained), settings.ridge,
         relative_ridge=settings.relative_ridge, original=original, progress=emit, check_interrupt=check_interrupt,
     )
+    hardening: list[dict[str, Any]] = []
+    if settings.harden_rounds > 0:
+        refined, hardening = harden_weights(
+            host, concepts, settings, stats.groups(settings.cfr_preserve, settings.cfr_retained), original=original,
+            progress=emit, check_interrupt=check_interrupt,
+        )
     if settings.closed_form_only:
-        return _erasure(host, refined, concepts, settings, losses={})
+        return _erasure(host, refined, concepts, settings, losses={}, hardening=hardening)
     if engine is None:
         bank, losses = _train_here(host, concepts, refined, settings, user_images, user_masks, cache, emit,
                                    check_interrupt)
@@ -341,13 +383,14 @@ def run_erasure(
         settings.ridge, relative_ridge=settings.fusion_ridge_epsilon(), original=original, progress=emit,
         check_interrupt=check_interrupt, tokens=settings.fusion_tokens,
     )
-    return _erasure(host, fused, concepts, settings, losses)
+    return _erasure(host, fused, concepts, settings, losses, hardening=hardening)
 
 
 def _erasure(host: Host, weights: Mapping[str, Tensor], concepts: list[Concept], settings: ErasureSettings,
-             losses: Mapping[str, Any]) -> Erasure:
+             losses: Mapping[str, Any], hardening: Sequence[Mapping[str, Any]] = ()) -> Erasure:
+    rounds = [{k: v for k, v in h.items() if k != "vector"} for h in hardening]  # the record, not the vectors
     return Erasure.build(weights, base_fingerprint=host.model_fingerprint(), concepts=concepts, source="run_erasure",
-                         settings=settings.as_metadata(), losses=losses)
+                         settings=settings.as_metadata(), losses=losses, hardening=rounds)
 
 
 def _train_here(

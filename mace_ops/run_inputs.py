@@ -65,7 +65,8 @@ def check_numbers(args: argparse.Namespace) -> None:
         raise MaceError(f"--size {args.size}: give a positive multiple of 8 (e.g. 512)")
     for flag, value, least in (("--images", args.images, 1), ("--sample-steps", args.sample_steps, 1),
                                ("--steps", args.steps, 1), ("--max-concepts", args.max_concepts, 1),
-                               ("--report-images", args.report_images, 0)):
+                               ("--report-images", args.report_images, 0),
+                               ("--harden", getattr(args, "harden", None), 0)):
         if value is not None and value < least:
             raise MaceError(f"{flag} {value}: give a whole number >= {least}")
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
@@ -136,7 +137,7 @@ def read_concepts(args: argparse.Namespace, token_ids: Any) -> tuple[list, list[
 
 
 def with_overrides(args: argparse.Namespace, settings: Any) -> Any:
-    """``settings`` with --seed, --steps, --lr, --images, --size, --sample-steps, --fast applied
+    """``settings`` with --seed, --steps, --lr, --images, --size, --sample-steps, --fast, --harden applied
     (``check_numbers`` first)."""
     train = dataclasses.replace(settings.train, seed=args.seed)
     if args.steps is not None:
@@ -146,6 +147,8 @@ def with_overrides(args: argparse.Namespace, settings: Any) -> Any:
     overrides: dict[str, Any] = {"seed": args.seed, "train": train.check()}
     if getattr(args, "fast", False):
         overrides["closed_form_only"] = True
+    if getattr(args, "harden", None):
+        overrides["harden_rounds"] = args.harden
     for field, value in (("n_images", args.images), ("image_size", args.size), ("sample_steps", args.sample_steps)):
         if value is not None:
             overrides[field] = value
