@@ -1,0 +1,152 @@
+"""The nine MACE nodes on an SDXL MODEL/CLIP built in process (``comfy.supported_models.SDXL``, tiny channels,
+the real 70-block layout, 3-layer CLIP-L and bigG), under inference mode as ComfyUI runs nodes; then stock
+CheckpointSave -> CheckpointLoaderSimple on an SDXL model that stock detection recognises (see the last test)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mace_ops.family import SDXL
+
+ROOT = Path(__file__).resolve().parents[2]
+UNET = "diffusion_model."
+
+
+@pytest.fixture(scope="module")
+def nodes(comfy_lib, tmp_path_factory):
+    import folder_paths
+
+    base = tmp_path_factory.mktemp("comfy_dirs_sdxl")
+    for sub in ("output", "user", "temp"):
+        (base / sub).mkdir()
+    folder_paths.set_output_directory(str(base / "output"))
+    folder_paths.set_user_directory(str(base / "user"))
+    folder_paths.set_temp_directory(str(base / "temp"))
+    if "mace_pack" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("mace_pack", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["mace_pack"] = mod
+        spec.loader.exec_module(mod)
+    return {k: cls() for k, cls in sys.modules["mace_pack"].NODE_CLASS_MAPPINGS.items()}
+
+
+def _state(patcher):
+    return {k: v.detach().clone() for k, v in patcher.model.state_dict().items()}
+
+
+def _stock_nodes():
+    """ComfyUI's own nodes.py (loaded by path: this pack also has a package named ``nodes``)."""
+    if "comfy_stock_nodes" not in sys.modules:
+        import comfy.cli_args  # noqa: F401  (comfy_lib set args.cpu before)
+
+        path = Path(sys.modules["comfy"].__file__).resolve().parents[1] / "nodes.py"
+        spec = importlib.util.spec_from_file_location("comfy_stock_nodes", path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["comfy_stock_nodes"] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules["comfy_stock_nodes"]
+
+
+@pytest.fixture(scope="module")
+def run(nodes, sdxl_parts):
+    """Concept List -> Preservation Set -> Refine -> Train -> Fuse -> Save -> Load -> Apply -> Preview."""
+    model, clip, vae = sdxl_parts
+    before = _state(model)
+    apply_cls = sys.modules["mace_pack"].NODE_CLASS_MAPPINGS["MaceApplyErasure"]
+    with torch.inference_mode():
+        (concepts,) = nodes["MaceConceptList"].build("cat -> a dog\nEiffel Tower -> a tower", "object", "a thing", "none")
+        (pres,) = nodes["MacePreservationSet"].build(clip, "none", "a photo of a house\na red car", "", "object")
+        (refined,) = nodes["MaceRefineCrossAttention"].refine(model, clip, concepts, pres, -1.0, -1.0, 0.1)
+        (bank,) = nodes["MaceTrainConceptLoRA"].train(
+            original_model=model, refined_model=refined, clip=clip, vae=vae, concepts=concepts, steps=2,
+            learning_rate=1e-3, rank=1, seed=0, batch_size=1, images_per_concept=1, sample_steps=2, cfg=7.5,
+            image_size=64)
+        erased, erasure = nodes["MaceFuseLoRAs"].fuse(refined, clip, bank, pres, -1.0, -1.0, 0.1)
+        rel = nodes["MaceSaveErasure"].save(erasure, "mace/sdxl")["ui"]["text"][0]
+        (loaded,) = nodes["MaceLoadErasure"].load("output/" + rel.replace("\\", "/"))
+        (applied,) = tuple(apply_cls.execute(model, loaded, 1.0).args)
+        preview = nodes["MaceErasurePreview"].preview(model, erased, clip, vae, loaded, "a photo of a house", 1, 0, 2,
+                                                      5.0, 64)
+    return dict(model=model, before=before, refined=refined, bank=bank, erased=erased, erasure=erasure,
+                applied=applied, preview=preview)
+
+
+def test_sdxl_passes_all_nine_nodes_and_the_input_model_stays_bit_identical(run):
+    import comfy.model_management
+
+    from mace_ops.hosts.comfy import ComfyHost
+
+    host = ComfyHost(run["model"])
+    # the preview sampled the erased clone, whose patches ComfyUI keeps in the shared module until it loads
+    # another model: the MODEL's own weights (the patcher's backup) are unchanged meanwhile ...
+    w_model = host.cross_attention_weights()
+    assert all(torch.equal(w, run["before"][f"{UNET}{n}.weight"]) for n, w in w_model.items())
+    with torch.inference_mode():  # ... and loading the MODEL again gives back the module bit for bit
+        comfy.model_management.load_models_gpu([run["model"]])
+    after = _state(run["model"])
+    assert after.keys() == run["before"].keys()
+    assert all(torch.equal(run["before"][k], after[k]) for k in after)  # label_emb included
+    assert host.family is SDXL and len(host.cross_attention_blocks()) == 70
+    w0 = host.cross_attention_weights()
+    w_erased = ComfyHost(run["erased"]).cross_attention_weights()
+    w_applied = ComfyHost(run["applied"]).cross_attention_weights()
+    assert set(run["erasure"].erasure.weights) == set(w0) and len(w0) == 140
+    assert all(w.shape[1] == 2048 for w in w0.values())
+    assert sum(not torch.equal(w_erased[n], w0[n]) for n in w0) == 140
+    for n, w in w_erased.items():
+        torch.testing.assert_close(w_applied[n], w, rtol=0, atol=1e-6)
+    assert set(run["bank"].losses) == {"cat", "Eiffel Tower"}
+    assert all(len(v) == 2 and all(x == x for x in v) for v in run["bank"].losses.values())
+    rows, text = run["preview"]["result"]
+    assert rows.shape == (2, 64, 128, 3) and "cat -> a dog" in text
+
+
+def test_stock_checkpoint_save_and_load_carry_the_erased_weights(nodes, tmp_path):
+    """Stock CheckpointSave -> CheckpointLoaderSimple on the smallest SDXL that stock detection accepts:
+    detection reads model_channels 320, linear transformers, depths 0/0/2/2/10/10, 2048-d context and 2816
+    label_emb inputs, not the channel multipliers, so channel_mult 1/1/1 (265 M UNet parameters; the file
+    is ~1.1 GB in float32 with the tiny CLIP and TAESD VAE). The erasure here is Refine's (closed form,
+    140 matrices) to keep the test short; the loaded MODEL is detected as SDXL and carries the patched
+    to_k/to_v, every other UNet tensor as it was."""
+    import comfy.supported_models
+    import folder_paths
+    from _tiny_comfy import build_family_parts
+    from comfy_extras.nodes_model_merging import CheckpointSave
+
+    from mace_ops.hosts.comfy import ComfyHost
+
+    model, clip, vae = build_family_parts("sdxl", seed=2, model_channels=320, channel_mult=(1, 1, 1),
+                                          head_channels=64)
+    with torch.inference_mode():
+        (concepts,) = nodes["MaceConceptList"].build("cat -> a dog", "object", "a thing", "none")
+        (pres,) = nodes["MacePreservationSet"].build(clip, "none", "a photo of a house", "", "object")
+        (erased,) = nodes["MaceRefineCrossAttention"].refine(model, clip, concepts, pres, -1.0, -1.0, 0.1)
+    want = ComfyHost(erased).cross_attention_weights()
+    w0 = ComfyHost(model).cross_attention_weights()
+    assert all(not torch.equal(want[n], w0[n]) for n in w0)
+    ckpt_dir = tmp_path / "checkpoints"
+    ckpt_dir.mkdir()
+    saver = CheckpointSave()
+    saver.output_dir = str(ckpt_dir)
+    with torch.inference_mode():
+        saver.save(erased, clip, vae, "mace_sdxl")
+    (path,) = list(ckpt_dir.glob("mace_sdxl*.safetensors"))
+    folder_paths.add_model_folder_path("checkpoints", str(ckpt_dir))
+    with torch.inference_mode():
+        loaded, _clip, _vae = _stock_nodes().CheckpointLoaderSimple().load_checkpoint(path.name)[:3]
+    assert isinstance(loaded.model.model_config, comfy.supported_models.SDXL)
+    host = ComfyHost(loaded)
+    assert host.family is SDXL
+    got = host.cross_attention_weights()
+    assert got.keys() == want.keys()
+    for n, w in want.items():
+        torch.testing.assert_close(got[n], w, rtol=0, atol=1e-6)
+    original = model.model.diffusion_model.state_dict()
+    for k, v in loaded.model.diffusion_model.state_dict().items():
+        if not (k.endswith("attn2.to_k.weight") or k.endswith("attn2.to_v.weight")):
+            assert torch.equal(v.float(), original[k].float()), k
