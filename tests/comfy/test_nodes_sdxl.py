@@ -39,12 +39,10 @@ def _state(patcher):
     return {k: v.detach().clone() for k, v in patcher.model.state_dict().items()}
 
 
-def _stock_nodes():
+def _stock_nodes(comfy_path: str):
     """ComfyUI's own nodes.py (loaded by path: this pack also has a package named ``nodes``)."""
     if "comfy_stock_nodes" not in sys.modules:
-        import comfy.cli_args  # noqa: F401  (comfy_lib set args.cpu before)
-
-        path = Path(sys.modules["comfy"].__file__).resolve().parents[1] / "nodes.py"
+        path = Path(comfy_path) / "nodes.py"
         spec = importlib.util.spec_from_file_location("comfy_stock_nodes", path)
         mod = importlib.util.module_from_spec(spec)
         sys.modules["comfy_stock_nodes"] = mod
@@ -106,7 +104,7 @@ def test_sdxl_passes_all_nine_nodes_and_the_input_model_stays_bit_identical(run)
     assert rows.shape == (2, 64, 128, 3) and "cat -> a dog" in text
 
 
-def test_stock_checkpoint_save_and_load_carry_the_erased_weights(nodes, tmp_path):
+def test_stock_checkpoint_save_and_load_carry_the_erased_weights(nodes, comfy_lib, tmp_path):
     """Stock CheckpointSave -> CheckpointLoaderSimple on the smallest SDXL that stock detection accepts:
     detection reads model_channels 320, linear transformers, depths 0/0/2/2/10/10, 2048-d context and 2816
     label_emb inputs, not the channel multipliers, so channel_mult 1/1/1 (265 M UNet parameters; the file
@@ -138,7 +136,7 @@ def test_stock_checkpoint_save_and_load_carry_the_erased_weights(nodes, tmp_path
     (path,) = list(ckpt_dir.glob("mace_sdxl*.safetensors"))
     folder_paths.add_model_folder_path("checkpoints", str(ckpt_dir))
     with torch.inference_mode():
-        loaded, _clip, _vae = _stock_nodes().CheckpointLoaderSimple().load_checkpoint(path.name)[:3]
+        loaded, _clip, _vae = _stock_nodes(comfy_lib).CheckpointLoaderSimple().load_checkpoint(path.name)[:3]
     assert isinstance(loaded.model.model_config, comfy.supported_models.SDXL)
     host = ComfyHost(loaded)
     assert host.family is SDXL
