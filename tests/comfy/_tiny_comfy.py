@@ -119,10 +119,11 @@ SMALL_TEXT = {"num_hidden_layers": 3, "intermediate_size": 128, "num_attention_h
 
 
 def build_family_parts(family: str, seed: int = 0, *, model_channels: int = 32, channel_mult=(1, 2, 2),
-                       head_channels: int = 32):
+                       head_channels: int = 32, text_config: dict | None = None, dtype: torch.dtype = torch.float32):
     """(ModelPatcher, CLIP, VAE) of a tiny "sdxl" or "sd2" model built in process with ComfyUI's own
-    ``supported_models.SDXL`` / ``SD20`` (the real block layout, small channels, 3-layer text encoders (ComfyUI needs more than 2 to read the penultimate layer)
-    of the real widths, float32), under inference mode like ComfyUI's loaders."""
+    ``supported_models.SDXL`` / ``SD20``: the real block layout, small channels, 3-layer text encoders of
+    the real widths (``text_config`` replaces SMALL_TEXT), in ``dtype`` (float16: computed in float32 by
+    ComfyUI's manual cast); under inference mode like ComfyUI's loaders."""
     import comfy.model_management
     import comfy.model_patcher
     import comfy.sd
@@ -132,11 +133,15 @@ def build_family_parts(family: str, seed: int = 0, *, model_channels: int = 32, 
     torch.manual_seed(seed)
     if family == "sdxl":
         config = comfy.supported_models.SDXL(sdxl_unet_config(model_channels, list(channel_mult)))
-        text = {"clip_l_model_config": dict(SMALL_TEXT), "clip_g_model_config": dict(SMALL_TEXT)}
+        small = SMALL_TEXT if text_config is None else text_config
+        text = {"clip_l_model_config": dict(small), "clip_g_model_config": dict(small)}
     else:
         config = comfy.supported_models.SD20(sd2_unet_config(model_channels))
-        text = {"clip_h_model_config": dict(SMALL_TEXT, hidden_act="quick_gelu")}
+        small = SMALL_TEXT if text_config is None else text_config
+        text = {"clip_h_model_config": dict(small, hidden_act="quick_gelu")}
     config.unet_config["num_head_channels"] = head_channels  # ComfyUI's 64 would leave small levels headless
+    if dtype != torch.float32:
+        config.set_inference_dtype(dtype, torch.float32)
     with torch.inference_mode():
         base = config.get_model({})
         for p in base.diffusion_model.parameters():
@@ -146,7 +151,7 @@ def build_family_parts(family: str, seed: int = 0, *, model_channels: int = 32, 
             load_device=comfy.model_management.get_torch_device(),
             offload_device=comfy.model_management.unet_offload_device(),
         )
-        clip = comfy.sd.CLIP(config.clip_target(), model_options={**text, "dtype": torch.float32})
+        clip = comfy.sd.CLIP(config.clip_target(), model_options={**text, "dtype": dtype})
         for p in clip.cond_stage_model.parameters():
             if p.dtype.is_floating_point:
                 p.copy_(torch.randn_like(p) * 0.05)
