@@ -151,3 +151,65 @@ def test_stock_checkpoint_save_and_load_carry_the_erased_weights(nodes, comfy_li
     for k, v in loaded.model.diffusion_model.state_dict().items():
         if not (k.endswith("attn2.to_k.weight") or k.endswith("attn2.to_v.weight")):
             assert torch.equal(v.float(), original[k].float()), k
+
+
+#: the workflow tests' minimal sizes (tests/test_workflows.py MINIMAL), so that the graph runs on a CPU
+MINIMAL = {
+    "MaceTrainConceptLoRA": {"steps": 1, "images_per_concept": 1, "sample_steps": 1, "image_size": 64},
+    "MaceErasurePreview": {"max_concepts": 1, "steps": 1, "image_size": 64, "preserved_prompts": "a dog"},
+    "MacePreservationSet": {"corpus": "none", "prompts": "a photo of a dog\na red car"},
+}
+
+
+def _run_api_graph(api: dict, loader_outputs: tuple) -> dict[str, tuple]:
+    """Execute an API-format graph in process, in dependency order, as ComfyUI's executor calls nodes:
+    the checkpoint loader yields ``loader_outputs``; CheckpointSave and PreviewImage only record their inputs."""
+    classes = sys.modules["mace_pack"].NODE_CLASS_MAPPINGS
+    done: dict[str, tuple] = {}
+    while len(done) < len(api):
+        ready = [k for k, n in api.items() if k not in done and all(
+            not isinstance(v, list) or v[0] in done for v in n["inputs"].values())]
+        assert ready, "the graph has a cycle or a dangling link"
+        for key in ready:
+            node = api[key]
+            inputs = {k: done[v[0]][v[1]] if isinstance(v, list) else v for k, v in node["inputs"].items()}
+            kind = node["class_type"]
+            if kind == "CheckpointLoaderSimple":
+                done[key] = loader_outputs
+            elif kind in ("CheckpointSave", "PreviewImage"):
+                done[key] = (inputs,)
+            elif hasattr(classes[kind], "execute"):  # a V3 node
+                done[key] = tuple(classes[kind].execute(**inputs).args)
+            else:
+                out = getattr(classes[kind](), classes[kind].FUNCTION)(**inputs)
+                done[key] = tuple(out["result"]) if isinstance(out, dict) else tuple(out)
+    return done
+
+
+def test_the_sdxl_workflow_graph_runs_on_an_sdxl_model(nodes, sdxl_parts):
+    """example_workflows/mace_erase_sdxl_quick.json as an API graph (two of its concepts, the workflow tests'
+    minimal sizes), every node executed in process on the tiny SDXL: the saved MODEL is the erased one."""
+    import json
+
+    from mace_ops.hosts.comfy import ComfyHost
+
+    if "mace_build_workflows" not in sys.modules:  # as tests/test_workflows.py loads it
+        spec = importlib.util.spec_from_file_location("mace_build_workflows", ROOT / "workflows" / "build_workflows.py")
+        sys.modules["mace_build_workflows"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["mace_build_workflows"])
+    bw = sys.modules["mace_build_workflows"]
+    api = bw.to_api(json.loads((ROOT / "example_workflows" / "mace_erase_sdxl_quick.json").read_text()))
+    for node in api.values():
+        node["inputs"].update(MINIMAL.get(node["class_type"], {}))
+        if node["class_type"] == "MaceConceptList":
+            node["inputs"]["concepts"] = "\n".join(node["inputs"]["concepts"].splitlines()[:2])
+    with torch.inference_mode():
+        done = _run_api_graph(api, sdxl_parts)
+    kinds = {n["class_type"]: k for k, n in api.items()}
+    (saved,) = done[kinds["CheckpointSave"]]
+    (shown,) = done[kinds["PreviewImage"]]
+    erasure = done[kinds["MaceFuseLoRAs"]][1]
+    assert len(erasure.erasure.weights) == 140 and shown["images"].shape == (2, 64, 128, 3)
+    got = ComfyHost(saved["model"]).cross_attention_weights()
+    for n, w in erasure.erasure.weights.items():
+        torch.testing.assert_close(got[n], w.float(), rtol=0, atol=1e-6)
