@@ -1,6 +1,7 @@
-"""The nine MACE nodes on an SDXL MODEL/CLIP built in process (``comfy.supported_models.SDXL``, tiny channels,
-the real 70-block layout, 3-layer CLIP-L and bigG), under inference mode as ComfyUI runs nodes; then stock
-CheckpointSave -> CheckpointLoaderSimple on an SDXL model that stock detection recognises (see the last test)."""
+"""The nine MACE nodes on an SDXL MODEL/CLIP built in process (``comfy.supported_models.SDXL``, tiny
+channels, the real 70-block layout, 3-layer CLIP-L and bigG), under inference mode as ComfyUI runs nodes;
+stock CheckpointSave -> CheckpointLoaderSimple on an SDXL model that stock detection recognises; the
+SDXL workflow's graph on the tiny SDXL; the erasure chain on a tiny SD2.x."""
 
 from __future__ import annotations
 
@@ -213,3 +214,36 @@ def test_the_sdxl_workflow_graph_runs_on_an_sdxl_model(nodes, sdxl_parts):
     got = ComfyHost(saved["model"]).cross_attention_weights()
     for n, w in erasure.erasure.weights.items():
         torch.testing.assert_close(got[n], w.float(), rtol=0, atol=1e-6)
+
+
+def test_an_sd2_model_passes_the_erasure_nodes_unchanged(nodes, sd2_parts):
+    """SD2.x through the same nodes (Concept List -> Preservation -> Refine -> Train -> Fuse -> Apply): 32
+    matrices of 1024 columns change; the input MODEL is bit-identical."""
+    import comfy.model_management
+
+    from mace_ops.family import SD2
+    from mace_ops.hosts.comfy import ComfyHost
+
+    model, clip, vae = sd2_parts
+    before = _state(model)
+    apply_cls = sys.modules["mace_pack"].NODE_CLASS_MAPPINGS["MaceApplyErasure"]
+    with torch.inference_mode():
+        (concepts,) = nodes["MaceConceptList"].build("cat -> a dog", "object", "a thing", "none")
+        (pres,) = nodes["MacePreservationSet"].build(clip, "none", "a photo of a house\na red car", "", "object")
+        (refined,) = nodes["MaceRefineCrossAttention"].refine(model, clip, concepts, pres, -1.0, -1.0, 0.1)
+        (bank,) = nodes["MaceTrainConceptLoRA"].train(
+            original_model=model, refined_model=refined, clip=clip, vae=vae, concepts=concepts, steps=1,
+            learning_rate=1e-3, rank=1, seed=0, batch_size=1, images_per_concept=1, sample_steps=1, cfg=7.5,
+            image_size=64)
+        erased, erasure = nodes["MaceFuseLoRAs"].fuse(refined, clip, bank, pres, -1.0, -1.0, 0.1)
+        (applied,) = tuple(apply_cls.execute(model, erasure, 1.0).args)
+        comfy.model_management.load_models_gpu([model])
+    host = ComfyHost(model)
+    assert host.family is SD2
+    w0, w1 = host.cross_attention_weights(), ComfyHost(applied).cross_attention_weights()
+    assert len(w0) == 32 and all(w.shape[1] == 1024 for w in w0.values())
+    assert all(not torch.equal(w0[n], w1[n]) for n in w0)
+    for n, w in ComfyHost(erased).cross_attention_weights().items():
+        torch.testing.assert_close(w1[n], w, rtol=0, atol=1e-6)
+    after = _state(model)
+    assert all(torch.equal(before[k], after[k]) for k in after)
