@@ -200,7 +200,7 @@ class MaceRefineCrossAttention:
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The SD1.x model to erase concepts from (never modified)."}),
+                "model": ("MODEL", {"tooltip": "The SD1.x, SD2.x or SDXL model to erase concepts from (never modified)."}),
                 "clip": ("CLIP", {"tooltip": "The checkpoint's CLIP."}),
                 "concepts": (CONCEPTS, {"tooltip": "From MACE Concept List."}),
                 "preservation": (PRESERVATION, {"tooltip": "From MACE Preservation Set (same CLIP)."}),

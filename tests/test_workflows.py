@@ -20,7 +20,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))
 EXPECTED = ["mace_erase_artists_100", "mace_erase_celebrities_100", "mace_erase_explicit", "mace_erase_objects",
-            "mace_quick_demo"]
+            "mace_erase_sdxl_quick", "mace_quick_demo"]
+#: the model family each workflow targets (named in its title line)
+FAMILY = {name: "SDXL" if "sdxl" in name else "SD1.x" for name in EXPECTED}
 #: the ComfyUI core node types the workflows may use (besides the pack's own)
 CORE_TYPES = {"CheckpointLoaderSimple", "CheckpointSave", "PreviewImage", "Note"}
 CHAIN = ["CheckpointLoaderSimple", "MaceConceptList", "MacePreservationSet", "MaceRefineCrossAttention",
@@ -156,7 +158,7 @@ def test_concept_lists_parse_and_presets_apply(path):
     node = next(n for n in wf["nodes"] if n["type"] == "MaceConceptList")
     text, kind, anchor, preset = node["widgets_values"]
     concepts = parse_concept_list(text, default_anchor=anchor, kind=kind)
-    if path.stem == "mace_quick_demo":
+    if path.stem in ("mace_quick_demo", "mace_erase_sdxl_quick"):
         assert preset == "none" and [c.kind for c in concepts] == ["object", "object", "style"]
     else:
         p = load_preset(preset)
@@ -266,3 +268,21 @@ def test_workflow_runs_on_comfyui(path, comfy_server):
     entry = server.run(api)
     status = entry.get("status", {})
     assert status.get("status_str") == "success", json.dumps(status)[-3000:] + "\n" + server.tail()
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_each_workflow_names_the_family_it_targets(path):
+    """The Note's first line (the title, also drawn on the thumbnail) ends with the family; the loader's
+    default file and the image sizes are that family's (SDXL: 1024 px)."""
+    wf = _load(path)
+    (note,) = [n for n in wf["nodes"] if n["type"] == "Note"]
+    title, family_line = note["widgets_values"][0].split("\n\n")[:2]
+    family = FAMILY[path.stem]
+    assert title.endswith(f"[{family}]") and family_line.startswith(f"Targets {family}")
+    (loader,) = [n for n in wf["nodes"] if n["type"] == "CheckpointLoaderSimple"]
+    sizes = {n["type"]: bw.declarations()[n["type"]].named_values(n["widgets_values"])["image_size"]
+             for n in wf["nodes"] if n["type"] in ("MaceTrainConceptLoRA", "MaceErasurePreview")}
+    if family == "SDXL":
+        assert loader["widgets_values"] == [bw.SDXL_CHECKPOINT] and set(sizes.values()) == {1024}
+    else:
+        assert loader["widgets_values"] == [bw.DEFAULT_CHECKPOINT] and set(sizes.values()) == {512}

@@ -57,6 +57,7 @@ CORE_NODES: dict[str, dict[str, Any]] = {
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 CONTROL_VALUE = "fixed"  # the front-end adds a 'control after generate' widget after INT 'seed' inputs
 DEFAULT_CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
+SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
 
 # rough speeds for the notes: the CPU figures are measured (DESIGN.md section 4, SD1.5 at 512 px); the GPU
 # figure is an assumption (a mid-range card), stated as such in every note
@@ -247,6 +248,21 @@ class Task:
     preservation: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
     preview: dict[str, Any] = field(default_factory=dict)
+    #: the model family the graph's settings are made for (named in its title and Note)
+    family: str = "SD1.x"
+    checkpoint: str = DEFAULT_CHECKPOINT
+    #: cost of one UNet pass relative to SD1.5 at 512 px, for the Note's time estimate (1 = measured case)
+    unet_cost: float = 1.0
+
+
+#: what each family's Note says about the checkpoint to pick
+FAMILY_NOTES = {
+    "SD1.x": ("Targets SD1.x (SD 1.4 / 1.5 and their fine-tunes). The same nodes also take SD2.x and SDXL "
+              "base models (the family is read from the model); for SDXL start from mace_erase_sdxl_quick."),
+    "SDXL": ("Targets SDXL base 1.0 and its fine-tunes (Pony, Illustrious, ...), at 1024 px. Both text encoders "
+             "(CLIP-L + bigG, 2048-d) feed the 140 edited to_k/to_v matrices of the 70 cross-attention blocks. "
+             "The SDXL refiner, SD3 and FLUX are refused (no 2048-d cross-attention with pooled conditioning)."),
+}
 
 
 def _preset_task(name: str, title: str, summary: str, preset: str, *, default_anchor: str,
@@ -279,6 +295,19 @@ def tasks() -> list[Task]:
             train={"steps": 20, "images_per_concept": 2, "sample_steps": 20},
             preview={"preserved_prompts": "a photo of a dog\na portrait of a man\na boat on a lake",
                      "max_concepts": 3},
+        ),
+        Task(
+            name="mace_erase_sdxl_quick",
+            title="MACE for SDXL, quick: erase a person, an object and a style",
+            summary=("The quick demo on an SDXL checkpoint: three concepts, few steps, native 1024 px images. "
+                     "The person and the object are objects (trained with masks), 'Van Gogh -> art :: style' "
+                     "is a style (no masks)."),
+            concepts={"concepts": "Taylor Swift -> a woman\nship -> sea\nVan Gogh -> art :: style",
+                      "kind": "object", "default_anchor": "a person", "preset": "none"},
+            train={"steps": 20, "images_per_concept": 2, "sample_steps": 20, "image_size": 1024},
+            preview={"preserved_prompts": "a photo of a dog\na portrait of a man\na boat on a lake",
+                     "max_concepts": 3, "image_size": 1024},
+            family="SDXL", checkpoint=SDXL_CHECKPOINT, unet_cost=4.0,
         ),
         _preset_task(
             "mace_erase_objects", "MACE: erase an object (CIFAR-10 class 'ship')",
@@ -329,24 +358,31 @@ def _workload(task: Task, g: Graph, concept_list: dict, train: dict, preview: di
     lora_steps = n * steps
     n_prev = min(pw["max_concepts"], n) + len([p for p in pw["preserved_prompts"].splitlines() if p.strip()])
     prev_evals = 2 * n_prev * pw["steps"] * 2  # before and after, CFG
-    cpu_h = ((data_evals + prev_evals) * CPU_UNET_S + lora_steps * CPU_LORA_STEP_S) / 3600
-    gpu_min = (data_evals + prev_evals + 3 * lora_steps) / GPU_UNET_PER_S / 60
+    unet_s, lora_s = CPU_UNET_S * task.unet_cost, CPU_LORA_STEP_S * task.unet_cost
+    cpu_h = ((data_evals + prev_evals) * unet_s + lora_steps * lora_s) / 3600
+    gpu_min = (data_evals + prev_evals + 3 * lora_steps) * task.unet_cost / GPU_UNET_PER_S / 60
 
     def dur(minutes: float) -> str:
         return f"about {max(1, round(minutes))} min" if minutes < 90 else f"about {minutes / 60:.1f} h"
 
+    if task.unet_cost == 1.0:
+        speeds = (f"~{GPU_UNET_PER_S:.0f} UNet passes per second at 512 px), {dur(cpu_h * 60)} on a CPU (measured: "
+                  f"{CPU_UNET_S} s per UNet pass, {CPU_LORA_STEP_S:.0f} s per LoRA step at 512 px)")
+    else:
+        speeds = (f"~{GPU_UNET_PER_S / task.unet_cost:.1f} {task.family} UNet passes per second at {size} px, i.e. "
+                  f"{task.unet_cost:.0f}x an SD1.5 pass at 512 px: an assumption, not measured), {dur(cpu_h * 60)} on "
+                  f"a CPU (the SD1.5 CPU figures, {CPU_UNET_S} s per pass and {CPU_LORA_STEP_S:.0f} s per LoRA step, "
+                  f"times {task.unet_cost:.0f}: also an estimate)")
     return (
         f"Work: {n} concept{'s' if n != 1 else ''}; {tw['images_per_concept']} training image(s) per concept at "
         f"{size} px ({tw['sample_steps']} sampler steps each); {steps} LoRA steps per concept; "
-        f"{n_prev} preview prompts. Time: {dur(gpu_min)} on a GPU (estimate, assuming ~{GPU_UNET_PER_S:.0f} "
-        f"UNet passes per second at 512 px), {dur(cpu_h * 60)} on a CPU (measured: {CPU_UNET_S} s per UNet pass, "
-        f"{CPU_LORA_STEP_S:.0f} s per LoRA step at 512 px). The preservation statistics and finished "
-        "concepts are cached: a re-queue resumes."
+        f"{n_prev} preview prompts. Time: {dur(gpu_min)} on a GPU (estimate, assuming {speeds}. The preservation "
+        "statistics and finished concepts are cached: a re-queue resumes."
     )
 
 
 NOTE_STEPS = (
-    "Steps: 1. pick your SD1.x checkpoint in Load Checkpoint. 2. edit the concept list ('phrase -> anchor' per "
+    "Steps: 1. pick your checkpoint (of the family above) in Load Checkpoint. 2. edit the concept list ('phrase -> anchor' per "
     "line; errors show under the text) or pick a preset and press 'insert preset concepts'. 3. Queue. "
     "The graph refines the cross-attention (closed form), trains one small LoRA per concept, fuses them "
     "(closed form), then shows before | after images and numbers for erased and for preserved prompts. "
@@ -361,7 +397,7 @@ COLORS = {"model": "#3f789e", "what": "#8a8a3f", "erase": "#a1309b", "save": "#3
 def build(task: Task, decls: dict[str, Decl]) -> dict[str, Any]:
     g = Graph(decls)
     x = [0, 460, 920, 1320, 1740, 2140, 2540]
-    ckpt = g.add("CheckpointLoaderSimple", (x[0], 520), width=380, ckpt_name=DEFAULT_CHECKPOINT)
+    ckpt = g.add("CheckpointLoaderSimple", (x[0], 520), width=380, ckpt_name=task.checkpoint)
     concepts = g.add("MaceConceptList", (x[1], 120), width=400, height=420, **task.concepts)
     preserve = g.add("MacePreservationSet", (x[1], 640), width=400, height=420, **task.preservation)
     refine = g.add("MaceRefineCrossAttention", (x[2], 380), width=360)
@@ -394,7 +430,9 @@ def build(task: Task, decls: dict[str, Decl]) -> dict[str, Any]:
     g.link(apply, "model", save_ckpt, "model")
     g.link(preview, "before_after", shown, "images")
 
-    note_text = "\n\n".join([task.title, task.summary, NOTE_STEPS, _workload(task, g, concepts, train, preview)])
+    title = f"{task.title} [{task.family}]"
+    note_text = "\n\n".join([title, FAMILY_NOTES[task.family], task.summary, NOTE_STEPS,
+                              _workload(task, g, concepts, train, preview)])
     note = g.add("Note", (x[0], 80), width=380, height=380, color=("#432", "#653"), text=note_text)
     g.group("1. Model", [note, ckpt], COLORS["model"])
     g.group("2. What to erase, what to keep", [concepts, preserve], COLORS["what"])

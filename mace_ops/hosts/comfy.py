@@ -1,12 +1,20 @@
 """The ComfyUI host: a MODEL (``comfy.model_patcher.ModelPatcher``), its CLIP and optionally its VAE.
 
+Families (``mace_ops.family``): SD1.x, SD2.x and SDXL base, read from the MODEL's UNet (the width of its
+cross-attention context and the inputs of its ``label_emb``, never a list of model names); a text-only
+host reads it from the CLIP's encoders (tokenizer keys ``l``; ``h``; ``g`` + ``l``). The context is what
+ComfyUI's CLIP gives its UNet (SDXL: ``cat(CLIP-L penultimate, bigG penultimate)``, 2048; SD2.x: OpenCLIP-H
+penultimate after the final LN, 1024). SDXL's UNet also reads ``y = label_emb input = cat(pooled bigG,
+6 × Timestep(256) of (h, w, 0, 0, h, w))``, built by the model's own ``encode_adm`` from
+``encode_pooled``; the size ids are those of an uncropped image of the latent's size × 8.
+
 Imported only inside ComfyUI (every ``comfy`` import is lazy, in the functions that need it).
 
 Names. The UNet is ``model.model.diffusion_model`` (LDM layout), so our block names are its own module
 paths: ``input_blocks.1.1.transformer_blocks.0.attn2``; a weight's ComfyUI key is
 ``diffusion_model.<block>.to_k.weight``. ComfyUI's attention patches address the same block as
-``("input", 1, 0)`` = (kind, index in input_blocks/output_blocks, transformer index); middle is
-``("middle", 0, t)``.
+``("input", 1, 0)`` = (kind, index in input_blocks/output_blocks, transformer index 0–9 inside the block's
+transformer); middle is ``("middle", 0, t)``. Blocks are every ``attn2`` of the UNet (SD1.x/SD2.x 16, SDXL 70).
 
 Weights (never written). The weights of a host are the model's own tensors with the ModelPatcher's
 patches applied, computed on a float32 CPU copy with ComfyUI's ``comfy.lora.calculate_weight``; the
@@ -22,20 +30,21 @@ Instrumented UNet (gradients inside a node). ComfyUI runs nodes under ``torch.in
 loaded weights are inference tensors and cannot be saved for backward. ``instrument`` therefore runs a
 PRIVATE float32 copy of the UNet (built once per host, outside inference mode, from the effective
 weights; its parameters are frozen, ordinary tensors) on the load device, and calls it directly:
-``eps = UNet(x_t, t, context)`` with ComfyUI's own ``attn2`` replace patch for ``attention`` (the block
+``eps = UNet(x_t, t, context[, y])`` with ComfyUI's own ``attn2`` replace patch for ``attention`` (the block
 gets the projected q/k/v) and private ``to_k``/``to_v`` modules for ``linears``. Nothing of the shared
 model is touched; the private modules are put back on exit, also on error. Only the MODEL's weight
 patches reach this forward (its transformer patches, wrappers and object patches on UNet modules do
-not): it is the plain SD1.x noise predictor the MACE loss is defined on.
+not): it is the plain noise predictor the MACE loss is defined on.
 
 Sampling (``generate``) is ComfyUI's own KSampler (``comfy.sample.sample``, sampler ``euler``,
-scheduler ``normal`` by default) on a clone, classifier-free guidance with the empty prompt; prompt
+scheduler ``normal`` by default) on a clone, classifier-free guidance with the empty prompt (SDXL: each
+conditioning carries its ``pooled_output`` and the image size, as ComfyUI's SDXL text encode node does); prompt
 ``i``'s initial noise is ``comfy.sample.prepare_noise`` of seed ``seed + i``. The attention probe is an
 ``attn2`` replace patch on that clone computing ``P = softmax(QKᵀ/√d)`` explicitly; of each batch it
 forwards the chunks that ``extra_options["cond_or_uncond"]`` marks as conditional (0).
 
 VAE: ComfyUI's IMAGE is (B, H, W, 3) in [0, 1] and its LATENT is the unscaled VAE latent; the host
-works in (B, 3, H, W) in [-1, 1] and scaled latents (``latent_format.process_in``: × 0.18215).
+works in (B, 3, H, W) in [-1, 1] and scaled latents (``latent_format.process_in``: × 0.18215, SDXL × 0.13025).
 ``alphas_cumprod`` is ``1 / (1 + σ²)`` of ``model.model.model_sampling.sigmas`` (ComfyUI keeps σ, not ᾱ).
 """
 
@@ -53,7 +62,7 @@ from torch import Tensor, nn
 
 from ..attention import explicit_attention
 from ..errors import MaceError
-from ..family import SD1, ModelFamily
+from ..family import FAMILIES, SD1, ModelFamily, family_from_unet_dims
 from ..tokens import MAX_LENGTH
 from .base import (
     AttentionFn,
@@ -90,7 +99,7 @@ def comfy_block_key(block: str) -> tuple[str, int, int]:
     """LDM block name -> ComfyUI's attention-patch key ``(kind, number, transformer_index)``."""
     m = _BLOCK_RE.match(block)
     if m is None:
-        raise MaceError(f"cross-attention block {block!r} is not an SD1.x UNet block path")
+        raise MaceError(f"cross-attention block {block!r} is not an LDM UNet block path (input/middle/output_blocks)")
     if m.group("kind") is None:
         return "middle", 0, int(m.group("index"))
     return m.group("kind"), int(m.group("number")), int(m.group("index"))
@@ -131,11 +140,39 @@ class _FnLinear(nn.Module):
         return self.fn(x)
 
 
+def encoder_key(name: str) -> str:
+    """ComfyUI's tokenizer key of a family encoder: "clip_l" -> "l", "clip_g" -> "g", "clip_h" -> "h"."""
+    return name.removeprefix("clip_")
+
+
+def unet_family(diffusion_model: nn.Module, blocks: Mapping[str, nn.Module]) -> ModelFamily:
+    """The family of a ComfyUI UNet from its shapes: the context width of its cross-attention (``to_k``
+    columns, the same in every block) and the inputs of ``label_emb``'s first linear layer (0: none)."""
+    widths = {int(m.to_k.weight.shape[1]) for m in blocks.values()}
+    if len(widths) != 1:
+        raise MaceError(f"MODEL input: cross-attention blocks read contexts of widths {sorted(widths)}; "
+                        "give an SD1.x, SD2.x or SDXL base model")
+    label_emb = getattr(diffusion_model, "label_emb", None)
+    first = next((m for m in label_emb.modules() if isinstance(m, nn.Linear)), None) if label_emb is not None else None
+    adm = int(first.in_features) if first is not None else 0
+    return family_from_unet_dims(widths.pop(), adm)
+
+
+def clip_family(clip: Any) -> ModelFamily:
+    """The family whose text encoders are the CLIP's (its tokenizer keys: SD1.x ``l``, SD2.x ``h``, SDXL ``g, l``)."""
+    keys = set(clip.tokenize(""))
+    for fam in FAMILIES.values():
+        if {encoder_key(e.name) for e in fam.encoders} == keys:
+            return fam
+    raise MaceError(f"CLIP input: text encoders {sorted(keys)} are not SD1.x's (l), SD2.x's (h) or SDXL's (g, l); "
+                    "connect the checkpoint's own CLIP")
+
+
 class ComfyHost:
     """A ``Host`` over ComfyUI's MODEL, CLIP and VAE (none of them is ever mutated)."""
 
     max_length: int = MAX_LENGTH
-    family: ModelFamily = SD1  # this host supports SD1.x only so far
+    family: ModelFamily = SD1  # replaced in __init__ by the family read from the MODEL (or the CLIP)
 
     def __init__(
         self,
@@ -146,8 +183,9 @@ class ComfyHost:
         sampler_name: str = "euler",
         scheduler: str = "normal",
     ) -> None:
-        """``model``: a ModelPatcher of an SD1.x UNet (None: a text-only host for CLIP-only work);
-        ``clip``: its CLIP (text methods need it); ``vae``: its VAE (``vae_*`` and ``generate`` need it)."""
+        """``model``: a ModelPatcher of an SD1.x, SD2.x or SDXL base UNet (None: a text-only host for
+        CLIP-only work); ``clip``: its CLIP (text methods need it); ``vae``: its VAE (``vae_*`` and
+        ``generate`` need it). The family is read from the UNet's shapes (text-only: from the CLIP)."""
         self.model = model
         self.clip = clip
         self.vae = vae
@@ -156,6 +194,8 @@ class ComfyHost:
         self._modules: dict[str, nn.Module] = {}
         self._cache: dict[str, Any] = {}
         if model is None:
+            if clip is not None:
+                self.family = clip_family(clip)
             return
         dm = getattr(getattr(model, "model", None), "diffusion_model", None)
         if dm is None:
@@ -164,8 +204,9 @@ class ComfyHost:
             if name.endswith(".attn2") and _BLOCK_RE.match(name) and hasattr(m, "to_k") and hasattr(m, "to_v"):
                 self._modules[name] = m
         if not self._modules:
-            raise MaceError("MODEL input: the UNet has no SD1.x cross-attention blocks (input_blocks.*.attn2); "
-                            "connect an SD1.x model")
+            raise MaceError("MODEL input: the UNet has no cross-attention blocks (input_blocks.*.attn2); "
+                            "connect an SD1.x, SD2.x or SDXL model")
+        self.family = unet_family(dm, self._modules)
 
     def _need_model(self) -> Any:
         if self.model is None:
@@ -225,22 +266,25 @@ class ComfyHost:
             raise MaceError("CLIP input: this step needs the model's CLIP; connect the checkpoint's CLIP")
         return self.clip
 
-    def _first_sections(self, prompts: Sequence[str]) -> tuple[str, list[list[tuple[int, float]]]]:
-        """Tokenize each prompt with the host's tokenizer; keep its first 77-token section."""
+    def _sections(self, prompts: Sequence[str]) -> dict[str, list[list[tuple[int, float]]]]:
+        """Tokenize each prompt with the CLIP's tokenizer; ``{encoder key: [first 77-token section of each
+        prompt]}``, the keys of this host's family (SDXL: ``g`` and ``l``)."""
         clip = self._need_clip()
-        key = None
-        sections = []
+        want = [encoder_key(e.name) for e in self.family.encoders]
+        out: dict[str, list[list[tuple[int, float]]]] = {k: [] for k in want}
         for p in prompts:
             tokens = clip.tokenize(p)
-            if len(tokens) != 1:
-                raise MaceError(f"CLIP input: {sorted(tokens)} text encoders; MACE needs SD1.x's single CLIP-L")
-            ((key, chunks),) = tokens.items()
-            sections.append([tuple(t[:2]) for t in chunks[0]])
-        return key, sections
+            if sorted(tokens) != sorted(want):
+                raise MaceError(f"CLIP input: text encoders {sorted(tokens)}, but the MODEL is {self.family.name}, "
+                                f"which reads {sorted(want)}; connect the checkpoint's own CLIP")
+            for k in want:
+                out[k].append([tuple(t[:2]) for t in tokens[k][0]])
+        return out
 
     def token_ids(self, prompts: Sequence[str]) -> list[list[int]]:
-        """Token ids as ComfyUI's SD1 tokenizer pads them (start, tokens, end, end-padding), first 77."""
-        _, sections = self._first_sections(prompts)
+        """Token ids of the family's first encoder as ComfyUI's tokenizer pads them (start, tokens, end,
+        padding), first 77 (SDXL: CLIP-L's; bigG's differ only after the end token)."""
+        sections = self._sections(prompts)[encoder_key(self.family.encoders[0].name)]
         out = []
         for sec in sections:
             ids = []
@@ -252,8 +296,26 @@ class ComfyHost:
         return out
 
     def encode_pooled(self, prompts: Sequence[str]) -> Tensor | None:
-        """None: SD1.x feeds no pooled text embedding to its UNet."""
-        return None
+        """The pooled text embedding ComfyUI's CLIP gives the UNet (SDXL: projected bigG, (B, 1280)) float32,
+        one ``encode_from_tokens`` call per prompt (ComfyUI returns the first section's pooled output only);
+        None when the family has no pooled channel (SD1.x, SD2.x)."""
+        if not self.family.pooled_dim:
+            return None
+        prompts = list(prompts)
+        if not prompts:
+            raise MaceError("encode_pooled: give at least one prompt")
+        clip = self._need_clip()
+        sections = self._sections(prompts)
+        parts = []
+        with torch.no_grad():
+            for i in range(len(prompts)):
+                _, pooled = clip.encode_from_tokens({k: [v[i]] for k, v in sections.items()}, return_pooled=True)
+                parts.append(pooled.reshape(1, -1).float().cpu())
+        pooled = normal_tensor(torch.cat(parts))
+        if pooled.shape[-1] != self.family.pooled_dim:
+            raise MaceError(f"CLIP input: pooled output of width {pooled.shape[-1]}; {self.family.name} needs "
+                            f"{self.family.pooled_dim}: connect the checkpoint's own CLIP")
+        return pooled
 
     def encode(self, prompts: Sequence[str]) -> Tensor:
         """Per-token states ComfyUI feeds the UNet as context, (B, 77, d_ctx) float32, no grad.
@@ -264,16 +326,18 @@ class ComfyHost:
         if not prompts:
             raise MaceError("encode: give at least one prompt")
         clip = self._need_clip()
-        key, sections = self._first_sections(prompts)
+        sections = self._sections(prompts)
+        d = self.family.context_dim
         parts = []
         with torch.no_grad():
-            for i in range(0, len(sections), ENCODE_BATCH):
-                chunk = sections[i : i + ENCODE_BATCH]
-                cond = clip.encode_from_tokens({key: chunk})  # (1, 77·n, d)
-                n = len(chunk)
-                if cond.shape[1] != n * self.max_length:
-                    raise MaceError(f"CLIP input: got {cond.shape[1]} states for {n} prompts; expected {MAX_LENGTH} each")
-                parts.append(cond.reshape(n, self.max_length, cond.shape[-1]).float().cpu())
+            for i in range(0, len(prompts), ENCODE_BATCH):
+                chunk = {k: v[i : i + ENCODE_BATCH] for k, v in sections.items()}
+                cond = clip.encode_from_tokens(chunk)  # (1, 77·n, d)
+                n = min(ENCODE_BATCH, len(prompts) - i)
+                if tuple(cond.shape[1:]) != (n * self.max_length, d):
+                    raise MaceError(f"CLIP input: got states {tuple(cond.shape[1:])} for {n} prompts; {self.family.name} "
+                                    f"needs {MAX_LENGTH} states of width {d} each: connect the checkpoint's own CLIP")
+                parts.append(cond.reshape(n, self.max_length, d).float().cpu())
             return normal_tensor(torch.cat(parts))
 
     # ------------------------------------------------------------------ weights
@@ -352,7 +416,8 @@ class ComfyHost:
         linears: Mapping[str, LinearFn] | None = None,
         attention: AttentionFn | None = None,
     ) -> Iterator[UNetFn]:
-        """Yield ``unet(x_t, t, context) -> eps`` on the private UNet copy (see the module docstring)."""
+        """Yield ``unet(x_t, t, context[, pooled]) -> eps`` on the private UNet copy (see the module docstring);
+        SDXL needs ``pooled = encode_pooled(prompts)``."""
         self._need_model()
         linears = dict(linears or {})
         check_matrix_names("linears", linears, set(matrix_names(list(self._modules))))
@@ -365,7 +430,7 @@ class ComfyHost:
                 replace[comfy_block_key(block)] = self._attention_patch(block, attention)
         device = self._device()
 
-        def unet_fn(x_t: Tensor, t: Tensor, context: Tensor) -> Tensor:
+        def unet_fn(x_t: Tensor, t: Tensor, context: Tensor, pooled: Tensor | None = None) -> Tensor:
             with torch.inference_mode(False):
                 x = x_t.to(device, torch.float32)
                 c = context.to(device, torch.float32)
@@ -373,7 +438,9 @@ class ComfyHost:
                 if ts.ndim == 0:
                     ts = ts.expand(x.shape[0])
                 options: dict[str, Any] = {"patches_replace": {"attn2": replace}} if replace else {}
-                return unet(x, timesteps=ts, context=c, transformer_options=options)
+                y = self._adm(pooled, x.shape[-2] * 8, x.shape[-1] * 8)
+                y = None if y is None else y.to(device, torch.float32).expand(x.shape[0], -1)
+                return unet(x, timesteps=ts, context=c, y=y, transformer_options=options)
 
         try:
             for name, fn in linears.items():
@@ -385,6 +452,32 @@ class ComfyHost:
         finally:
             for module, which, original in reversed(saved):
                 setattr(module, which, original)
+
+    def _adm(self, pooled: Tensor | None, height: int, width: int) -> Tensor | None:
+        """SDXL's ``label_emb`` input (B, 2816) from the model's own ``encode_adm``: pooled bigG and the
+        size ids (h, w, 0, 0, h, w) of an uncropped ``height × width`` image; None for families without."""
+        if not self.family.adm_dim:
+            return None
+        if pooled is None:
+            raise MaceError(f"a {self.family.name} UNet needs the pooled text embedding (host.encode_pooled)")
+        h, w, crop_h, crop_w, target_h, target_w = self.family.size_ids(height, width)
+        with torch.inference_mode(False):
+            y = self.model.model.encode_adm(
+                pooled_output=pooled.detach().float().cpu(), height=h, width=w, crop_h=crop_h, crop_w=crop_w,
+                target_height=target_h, target_width=target_w,
+            )
+        if y is None or y.shape[-1] != self.family.adm_dim:
+            raise MaceError(f"MODEL input: its label_emb input is {None if y is None else y.shape[-1]}-d, "
+                            f"{self.family.name} needs {self.family.adm_dim}")
+        return y.float()
+
+    def _conditioning(self, states: Tensor, pooled: Tensor | None, height: int, width: int) -> list[list[Any]]:
+        """ComfyUI CONDITIONING ``[[states, {...}]]``; SDXL's carries ``pooled_output`` and the image size."""
+        if pooled is None:
+            return [[states, {}]]
+        h, w, crop_h, crop_w, target_h, target_w = self.family.size_ids(height, width)
+        return [[states, {"pooled_output": pooled, "height": h, "width": w, "crop_h": crop_h, "crop_w": crop_w,
+                          "target_height": target_h, "target_width": target_w}]]
 
     @staticmethod
     def _attention_patch(block: str, attention: AttentionFn) -> Callable[..., Tensor]:
@@ -398,7 +491,8 @@ class ComfyHost:
         """ᾱ_t = 1 / (1 + σ_t²) from ComfyUI's discrete schedule, (1000,) float64."""
         sigmas = getattr(self._need_model().get_model_object("model_sampling"), "sigmas", None)
         if sigmas is None:
-            raise MaceError("MODEL input: the model has no discrete noise schedule; MACE needs an SD1.x eps model")
+            raise MaceError("MODEL input: the model has no discrete noise schedule; MACE needs an SD1.x, SD2.x or "
+                            "SDXL model with the usual 1000-step schedule")
         s = sigmas.detach().to("cpu", torch.float64)
         return normal_tensor(1.0 / (1.0 + s * s))
 
@@ -455,8 +549,8 @@ class ComfyHost:
         self._need_vae()
         self._need_model()
         b = len(prompts)
-        cond = self.encode(prompts)  # (B, 77, d)
-        uncond = self.encode([""])  # (1, 77, d)
+        cond = self._conditioning(self.encode(prompts), self.encode_pooled(prompts), height, width)  # (B, 77, d)
+        uncond = self._conditioning(self.encode([""]), self.encode_pooled([""]), height, width)  # (1, 77, d)
         model = self.model.clone()
         if attention_probe is not None:
             for block in self._modules:
@@ -473,7 +567,7 @@ class ComfyHost:
         with torch.no_grad():
             samples = comfy.sample.sample(
                 model, noise, steps, cfg, self.sampler_name, self.scheduler,
-                [[cond, {}]], [[uncond, {}]], latent, seed=seed, callback=callback, disable_pbar=True,
+                cond, uncond, latent, seed=seed, callback=callback, disable_pbar=True,
             )  # unscaled latents (B, 4, h, w)
         return self.vae_decode(self._latent_format().process_in(samples.float().cpu()))
 

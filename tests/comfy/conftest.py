@@ -78,3 +78,20 @@ def other_tiny_model(comfy_lib):
         return cache["model"]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def sdxl_parts(comfy_lib):
+    """(ModelPatcher, CLIP, VAE) of a tiny SDXL (real 70-block layout, 32/64/64 channels, 3-layer CLIP-L and
+    bigG of the real widths) built in process with ``comfy.supported_models.SDXL``."""
+    from _tiny_comfy import build_family_parts
+
+    return build_family_parts("sdxl")
+
+
+@pytest.fixture(scope="session")
+def sd2_parts(comfy_lib):
+    """(ModelPatcher, CLIP, VAE) of a tiny SD2.x (16 blocks, 1024-d OpenCLIP-H-shaped 3-layer CLIP)."""
+    from _tiny_comfy import build_family_parts
+
+    return build_family_parts("sd2")

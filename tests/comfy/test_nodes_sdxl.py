@@ -1,0 +1,249 @@
+"""The nine MACE nodes on an SDXL MODEL/CLIP built in process (``comfy.supported_models.SDXL``, tiny
+channels, the real 70-block layout, 3-layer CLIP-L and bigG), under inference mode as ComfyUI runs nodes;
+stock CheckpointSave -> CheckpointLoaderSimple on an SDXL model that stock detection recognises; the
+SDXL workflow's graph on the tiny SDXL; the erasure chain on a tiny SD2.x."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mace_ops.family import SDXL
+
+ROOT = Path(__file__).resolve().parents[2]
+UNET = "diffusion_model."
+
+
+@pytest.fixture(scope="module")
+def nodes(comfy_lib, tmp_path_factory):
+    import folder_paths
+
+    base = tmp_path_factory.mktemp("comfy_dirs_sdxl")
+    for sub in ("output", "user", "temp"):
+        (base / sub).mkdir()
+    folder_paths.set_output_directory(str(base / "output"))
+    folder_paths.set_user_directory(str(base / "user"))
+    folder_paths.set_temp_directory(str(base / "temp"))
+    if "mace_pack" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("mace_pack", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["mace_pack"] = mod
+        spec.loader.exec_module(mod)
+    return {k: cls() for k, cls in sys.modules["mace_pack"].NODE_CLASS_MAPPINGS.items()}
+
+
+def _state(patcher):
+    return {k: v.detach().clone() for k, v in patcher.model.state_dict().items()}
+
+
+def _stock_nodes(comfy_path: str):
+    """ComfyUI's own nodes.py (loaded by path: this pack also has a package named ``nodes``)."""
+    if "comfy_stock_nodes" not in sys.modules:
+        path = Path(comfy_path) / "nodes.py"
+        spec = importlib.util.spec_from_file_location("comfy_stock_nodes", path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["comfy_stock_nodes"] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules["comfy_stock_nodes"]
+
+
+@pytest.fixture(scope="module")
+def run(nodes, sdxl_parts):
+    """Concept List -> Preservation Set -> Refine -> Train -> Fuse -> Save -> Load -> Apply -> Preview."""
+    model, clip, vae = sdxl_parts
+    before = _state(model)
+    apply_cls = sys.modules["mace_pack"].NODE_CLASS_MAPPINGS["MaceApplyErasure"]
+    with torch.inference_mode():
+        (concepts,) = nodes["MaceConceptList"].build("cat -> a dog\nEiffel Tower -> a tower", "object", "a thing", "none")
+        (pres,) = nodes["MacePreservationSet"].build(clip, "none", "a photo of a house\na red car", "", "object")
+        (refined,) = nodes["MaceRefineCrossAttention"].refine(model, clip, concepts, pres, -1.0, -1.0, 0.1)
+        (bank,) = nodes["MaceTrainConceptLoRA"].train(
+            original_model=model, refined_model=refined, clip=clip, vae=vae, concepts=concepts, steps=2,
+            learning_rate=1e-3, rank=1, seed=0, batch_size=1, images_per_concept=1, sample_steps=2, cfg=7.5,
+            image_size=64)
+        erased, erasure = nodes["MaceFuseLoRAs"].fuse(refined, clip, bank, pres, -1.0, -1.0, 0.1)
+        rel = nodes["MaceSaveErasure"].save(erasure, "mace/sdxl")["ui"]["text"][0]
+        (loaded,) = nodes["MaceLoadErasure"].load("output/" + rel.replace("\\", "/"))
+        (applied,) = tuple(apply_cls.execute(model, loaded, 1.0).args)
+        preview = nodes["MaceErasurePreview"].preview(model, erased, clip, vae, loaded, "a photo of a house", 1, 0, 2,
+                                                      5.0, 64)
+    return dict(model=model, before=before, refined=refined, bank=bank, erased=erased, erasure=erasure,
+                applied=applied, preview=preview)
+
+
+def test_sdxl_passes_all_nine_nodes_and_the_input_model_stays_bit_identical(run):
+    import comfy.model_management
+
+    from mace_ops.hosts.comfy import ComfyHost
+
+    host = ComfyHost(run["model"])
+    # the preview sampled the erased clone, whose patches ComfyUI keeps in the shared module until it loads
+    # another model: the MODEL's own weights (the patcher's backup) are unchanged meanwhile ...
+    w_model = host.cross_attention_weights()
+    assert all(torch.equal(w, run["before"][f"{UNET}{n}.weight"]) for n, w in w_model.items())
+    with torch.inference_mode():  # ... and loading the MODEL again gives back the module bit for bit
+        comfy.model_management.load_models_gpu([run["model"]])
+    after = _state(run["model"])
+    assert after.keys() == run["before"].keys()
+    assert all(torch.equal(run["before"][k], after[k]) for k in after)  # label_emb included
+    assert host.family is SDXL and len(host.cross_attention_blocks()) == 70
+    w0 = host.cross_attention_weights()
+    w_erased = ComfyHost(run["erased"]).cross_attention_weights()
+    w_applied = ComfyHost(run["applied"]).cross_attention_weights()
+    assert set(run["erasure"].erasure.weights) == set(w0) and len(w0) == 140
+    assert all(w.shape[1] == 2048 for w in w0.values())
+    assert sum(not torch.equal(w_erased[n], w0[n]) for n in w0) == 140
+    for n, w in w_erased.items():
+        torch.testing.assert_close(w_applied[n], w, rtol=0, atol=1e-6)
+    assert set(run["bank"].losses) == {"cat", "Eiffel Tower"}
+    assert all(len(v) == 2 and all(x == x for x in v) for v in run["bank"].losses.values())
+    rows, text = run["preview"]["result"]
+    assert rows.shape == (2, 64, 128, 3) and "cat -> a dog" in text
+
+
+def test_stock_checkpoint_save_and_load_carry_the_erased_weights(nodes, comfy_lib, tmp_path):
+    """Stock CheckpointSave -> CheckpointLoaderSimple on the smallest SDXL that stock detection accepts:
+    detection reads model_channels 320, linear transformers, depths 0/0/2/2/10/10, 2048-d context and 2816
+    label_emb inputs, not the channel multipliers, so channel_mult 1/1/1 (265 M UNet parameters; the file
+    is 0.94 GB in float16 with 3-layer CLIP-L/bigG and a TAESD VAE; ~80 s and ~6 GB peak memory on a CPU, as
+    the stock loader allocates the full 12-layer CLIP-L and 32-layer bigG). The erasure here is Refine's (closed form,
+    140 matrices) to keep the test short; the loaded MODEL is detected as SDXL and carries the patched
+    to_k/to_v, every other UNet tensor as it was."""
+    import comfy.supported_models
+    import folder_paths
+    from _tiny_comfy import build_family_parts
+    from comfy_extras.nodes_model_merging import CheckpointSave
+
+    from mace_ops.hosts.comfy import ComfyHost
+
+    model, clip, vae = build_family_parts("sdxl", seed=2, model_channels=320, channel_mult=(1, 1, 1),
+                                          head_channels=64, text_config={"num_hidden_layers": 3},
+                                          dtype=torch.float16)
+    with torch.inference_mode():
+        (concepts,) = nodes["MaceConceptList"].build("cat -> a dog", "object", "a thing", "none")
+        (pres,) = nodes["MacePreservationSet"].build(clip, "none", "a photo of a house", "", "object")
+        (erased,) = nodes["MaceRefineCrossAttention"].refine(model, clip, concepts, pres, -1.0, -1.0, 0.1)
+    want = ComfyHost(erased).cross_attention_weights()
+    w0 = ComfyHost(model).cross_attention_weights()
+    assert all(not torch.equal(want[n], w0[n]) for n in w0)
+    ckpt_dir = tmp_path / "checkpoints"
+    ckpt_dir.mkdir()
+    saver = CheckpointSave()
+    saver.output_dir = str(ckpt_dir)
+    with torch.inference_mode():
+        saver.save(erased, clip, vae, "mace_sdxl")
+    (path,) = list(ckpt_dir.glob("mace_sdxl*.safetensors"))
+    folder_paths.add_model_folder_path("checkpoints", str(ckpt_dir))
+    with torch.inference_mode():
+        loaded, _clip, _vae = _stock_nodes(comfy_lib).CheckpointLoaderSimple().load_checkpoint(path.name)[:3]
+    assert isinstance(loaded.model.model_config, comfy.supported_models.SDXL)
+    host = ComfyHost(loaded)
+    assert host.family is SDXL
+    got = host.cross_attention_weights()
+    assert got.keys() == want.keys()
+    for n, w in want.items():  # the file stores the model's float16: one float16 rounding of the patched weight
+        torch.testing.assert_close(got[n], w, rtol=2**-10, atol=1e-7)
+        assert not torch.equal(got[n], w0[n])
+    original = model.model.diffusion_model.state_dict()
+    for k, v in loaded.model.diffusion_model.state_dict().items():
+        if not (k.endswith("attn2.to_k.weight") or k.endswith("attn2.to_v.weight")):
+            assert torch.equal(v.float(), original[k].float()), k
+
+
+#: the workflow tests' minimal sizes (tests/test_workflows.py MINIMAL), so that the graph runs on a CPU
+MINIMAL = {
+    "MaceTrainConceptLoRA": {"steps": 1, "images_per_concept": 1, "sample_steps": 1, "image_size": 64},
+    "MaceErasurePreview": {"max_concepts": 1, "steps": 1, "image_size": 64, "preserved_prompts": "a dog"},
+    "MacePreservationSet": {"corpus": "none", "prompts": "a photo of a dog\na red car"},
+}
+
+
+def _run_api_graph(api: dict, loader_outputs: tuple) -> dict[str, tuple]:
+    """Execute an API-format graph in process, in dependency order, as ComfyUI's executor calls nodes:
+    the checkpoint loader yields ``loader_outputs``; CheckpointSave and PreviewImage only record their inputs."""
+    classes = sys.modules["mace_pack"].NODE_CLASS_MAPPINGS
+    done: dict[str, tuple] = {}
+    while len(done) < len(api):
+        ready = [k for k, n in api.items() if k not in done and all(
+            not isinstance(v, list) or v[0] in done for v in n["inputs"].values())]
+        assert ready, "the graph has a cycle or a dangling link"
+        for key in ready:
+            node = api[key]
+            inputs = {k: done[v[0]][v[1]] if isinstance(v, list) else v for k, v in node["inputs"].items()}
+            kind = node["class_type"]
+            if kind == "CheckpointLoaderSimple":
+                done[key] = loader_outputs
+            elif kind in ("CheckpointSave", "PreviewImage"):
+                done[key] = (inputs,)
+            elif hasattr(classes[kind], "execute"):  # a V3 node
+                done[key] = tuple(classes[kind].execute(**inputs).args)
+            else:
+                out = getattr(classes[kind](), classes[kind].FUNCTION)(**inputs)
+                done[key] = tuple(out["result"]) if isinstance(out, dict) else tuple(out)
+    return done
+
+
+def test_the_sdxl_workflow_graph_runs_on_an_sdxl_model(nodes, sdxl_parts):
+    """example_workflows/mace_erase_sdxl_quick.json as an API graph (two of its concepts, the workflow tests'
+    minimal sizes), every node executed in process on the tiny SDXL: the saved MODEL is the erased one."""
+    import json
+
+    from mace_ops.hosts.comfy import ComfyHost
+
+    if "mace_build_workflows" not in sys.modules:  # as tests/test_workflows.py loads it
+        spec = importlib.util.spec_from_file_location("mace_build_workflows", ROOT / "workflows" / "build_workflows.py")
+        sys.modules["mace_build_workflows"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules["mace_build_workflows"])
+    bw = sys.modules["mace_build_workflows"]
+    api = bw.to_api(json.loads((ROOT / "example_workflows" / "mace_erase_sdxl_quick.json").read_text()))
+    for node in api.values():
+        node["inputs"].update(MINIMAL.get(node["class_type"], {}))
+        if node["class_type"] == "MaceConceptList":
+            node["inputs"]["concepts"] = "\n".join(node["inputs"]["concepts"].splitlines()[:2])
+    with torch.inference_mode():
+        done = _run_api_graph(api, sdxl_parts)
+    kinds = {n["class_type"]: k for k, n in api.items()}
+    (saved,) = done[kinds["CheckpointSave"]]
+    (shown,) = done[kinds["PreviewImage"]]
+    erasure = done[kinds["MaceFuseLoRAs"]][1]
+    assert len(erasure.erasure.weights) == 140 and shown["images"].shape == (2, 64, 128, 3)
+    got = ComfyHost(saved["model"]).cross_attention_weights()
+    for n, w in erasure.erasure.weights.items():
+        torch.testing.assert_close(got[n], w.float(), rtol=0, atol=1e-6)
+
+
+def test_an_sd2_model_passes_the_erasure_nodes_unchanged(nodes, sd2_parts):
+    """SD2.x through the same nodes (Concept List -> Preservation -> Refine -> Train -> Fuse -> Apply): 32
+    matrices of 1024 columns change; the input MODEL is bit-identical."""
+    import comfy.model_management
+
+    from mace_ops.family import SD2
+    from mace_ops.hosts.comfy import ComfyHost
+
+    model, clip, vae = sd2_parts
+    before = _state(model)
+    apply_cls = sys.modules["mace_pack"].NODE_CLASS_MAPPINGS["MaceApplyErasure"]
+    with torch.inference_mode():
+        (concepts,) = nodes["MaceConceptList"].build("cat -> a dog", "object", "a thing", "none")
+        (pres,) = nodes["MacePreservationSet"].build(clip, "none", "a photo of a house\na red car", "", "object")
+        (refined,) = nodes["MaceRefineCrossAttention"].refine(model, clip, concepts, pres, -1.0, -1.0, 0.1)
+        (bank,) = nodes["MaceTrainConceptLoRA"].train(
+            original_model=model, refined_model=refined, clip=clip, vae=vae, concepts=concepts, steps=1,
+            learning_rate=1e-3, rank=1, seed=0, batch_size=1, images_per_concept=1, sample_steps=1, cfg=7.5,
+            image_size=64)
+        erased, erasure = nodes["MaceFuseLoRAs"].fuse(refined, clip, bank, pres, -1.0, -1.0, 0.1)
+        (applied,) = tuple(apply_cls.execute(model, erasure, 1.0).args)
+        comfy.model_management.load_models_gpu([model])
+    host = ComfyHost(model)
+    assert host.family is SD2
+    w0, w1 = host.cross_attention_weights(), ComfyHost(applied).cross_attention_weights()
+    assert len(w0) == 32 and all(w.shape[1] == 1024 for w in w0.values())
+    assert all(not torch.equal(w0[n], w1[n]) for n in w0)
+    for n, w in ComfyHost(erased).cross_attention_weights().items():
+        torch.testing.assert_close(w1[n], w, rtol=0, atol=1e-6)
+    after = _state(model)
+    assert all(torch.equal(before[k], after[k]) for k in after)
