@@ -123,6 +123,12 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="GPUs per Ray task (fractions share a GPU); default 1 with --device cuda, else 0")
 
 
+def _add_prediction_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prediction-type", choices=("auto", "epsilon", "v_prediction"), default="auto",
+                   help="what the UNet predicts; auto: epsilon for SD1.x/SDXL, for SD2.x ComfyUI's rule "
+                        "(v for the 768-v models, epsilon for 512-base)")
+
+
 def _losses(erasure: Any) -> dict[str, list[float]]:
     raw = (getattr(erasure, "metadata", None) or {}).get("losses", {}) or {}
     return {str(k): [float(x) for x in v] for k, v in raw.items()}
@@ -141,10 +147,11 @@ def _provenance(erasure: Any, settings_metadata: dict[str, Any]) -> dict[str, st
 def _write_outputs(stage: Path, *, checkpoint: Path | None, host: Any, erasure: Any, concepts: list,
                    retained: list[str], settings: Any, report_images: int, quiet: bool) -> dict[str, Any]:
     """Sanitized checkpoint (when ``checkpoint``), erasure file, concepts.txt and report/ into ``stage``."""
-    from .checkpoint import save_sanitized_checkpoint, write_sd1_checkpoint
+    from .checkpoint import save_sanitized_checkpoint
     from .concepts import format_concept_list
     from .io import save_erasure
     from .report import write_report
+    from .single_file import write_checkpoint
 
     original = host.cross_attention_weights()
     settings_metadata = settings.as_metadata()  # what run_erasure stored as erasure.metadata["settings"]
@@ -154,8 +161,8 @@ def _write_outputs(stage: Path, *, checkpoint: Path | None, host: Any, erasure: 
         if checkpoint.is_dir():
             target = stage / f"{checkpoint.name}_mace.safetensors"
             target.unlink(missing_ok=True)
-            write_sd1_checkpoint(host.unet, host.text_encoder, host.vae, target,
-                                 cross_attention_weights=erasure.weights, metadata=meta, store_configs=True)
+            write_checkpoint(host.family, host.unet, host.text_encoders, host.vae, target,
+                             cross_attention_weights=erasure.weights, metadata=meta, store_configs=True)
         else:
             target = stage / f"{checkpoint.stem}_mace.safetensors"
             target.unlink(missing_ok=True)  # left by an interrupted attempt (inside DIR.partial only)
@@ -194,8 +201,8 @@ def _finish(stage: Path, out: Path, cache: Path, keep_cache: bool) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     """Check every cheap input first (``run_inputs``: nothing loaded or written on a bad one), then load
     the model and erase."""
-    from .checkpoint import load_sd1_host
     from .concept_task import HostRecipe
+    from .single_file import load_host
 
     inputs = check_run_inputs(args)
     out, checkpoint, concepts = inputs.out, inputs.checkpoint, inputs.concepts
@@ -204,8 +211,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     t0 = time.time()
     if not args.quiet:
         _say(f"inputs checked ({len(concepts)} concepts); loading {checkpoint} ...")
-    engine = _engine(args, HostRecipe("checkpoint", str(Path(checkpoint).resolve())))
-    host = load_sd1_host(checkpoint, device=args.device)
+    engine = _engine(args, HostRecipe("checkpoint", str(Path(checkpoint).resolve()), args.prediction_type))
+    host = load_host(checkpoint, device=args.device, prediction=args.prediction_type)
     if stage.exists() and not args.quiet:
         _say(f"resuming: reusing finished work in {stage}")
     stage.mkdir(parents=True, exist_ok=True)
@@ -490,16 +497,16 @@ def _eval_metrics(args: argparse.Namespace, items: list[dict[str, Any]], out: Pa
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .checkpoint import load_sd1_host
     from .io import load_erasure
     from .report import save_png
+    from .single_file import load_host
 
     out = Path(args.out)
     check_new_folder(out)
     if args.seeds < 1 or args.steps < 1 or args.size % 8 or args.size <= 0:
         raise MaceError("--seeds and --steps must be >= 1 and --size a positive multiple of 8")
     checkpoint = Path(args.checkpoint)
-    host = load_sd1_host(checkpoint, device=args.device)
+    host = load_host(checkpoint, device=args.device, prediction=args.prediction_type)
     erasure_concepts = None
     if args.erasure:
         erasure, _ = load_erasure(args.erasure, original_weights=host.cross_attention_weights(),
@@ -550,7 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="erase concepts from a checkpoint")
-    r.add_argument("--checkpoint", required=True, help="SD1.x .safetensors single file or diffusers folder (read only)")
+    r.add_argument("--checkpoint", required=True,
+                   help="SD1.x, SD2.x or SDXL .safetensors single file or diffusers folder (read only)")
     src = r.add_mutually_exclusive_group(required=True)
     src.add_argument("--concepts", help="text file: one 'phrase -> anchor' (or 'phrase') per line")
     src.add_argument("--preset", help="a bundled preset (e.g. celebrities_100, artists_100, explicit, objects_cifar10)")
@@ -574,6 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--keep-cache", action="store_true", help="keep the default cache after success")
     r.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
     r.add_argument("--quiet", action="store_true")
+    _add_prediction_arg(r)
     _add_engine_args(r)
     r.set_defaults(func=cmd_run)
 
@@ -592,7 +601,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="generate a benchmark prompt set and compute the metrics available here")
     e.add_argument("--suite", required=True, choices=("objects", "celebrities", "explicit", "artists"))
-    e.add_argument("--checkpoint", required=True, help="SD1.x .safetensors file or diffusers folder")
+    e.add_argument("--checkpoint", required=True, help="SD1.x, SD2.x or SDXL .safetensors file or diffusers folder")
+    _add_prediction_arg(e)
     e.add_argument("--erasure", help="erasure file to apply to the checkpoint before evaluating")
     e.add_argument("--out", required=True, help="new folder for images and metrics (must not exist)")
     e.add_argument("--erased", help="text file naming the erased concepts, one per line "

@@ -172,13 +172,13 @@ def _collect(errors: list[str], flag: str, check: Callable[[], Any]) -> Any:
 def check_run_inputs(args: argparse.Namespace, token_ids: Any = None) -> RunInputs:
     """Validate every cheap input of ``run`` (see the module doc) and return them read; ``token_ids``
     defaults to the shipped SD1.x tokenizer. Raises one ``MaceError`` listing every problem found."""
-    from .checkpoint import check_sd1_source
     from .preservation import read_prompt_file
+    from .single_file import check_source
     from .tokens import sd1_token_ids
 
     errors: list[str] = []
     _collect(errors, "--out", lambda: check_new_folder(Path(args.out)))
-    checkpoint = _collect(errors, "--checkpoint", lambda: check_sd1_source(args.checkpoint))
+    checkpoint = _collect(errors, "--checkpoint", lambda: check_source(args.checkpoint))
     before = len(errors)
     _collect(errors, "options", lambda: check_numbers(args))
     numbers_ok = len(errors) == before
