@@ -411,8 +411,10 @@ def save_sanitized_checkpoint(
     out_path: str | os.PathLike[str],
     *,
     metadata: Mapping[str, str] | None = None,
+    label_emb_diff: Tensor | None = None,
 ) -> Path:
-    """Copy ``src_path`` to ``out_path`` replacing exactly the given ``<block>.to_k``/``.to_v`` matrices.
+    """Copy ``src_path`` to ``out_path`` replacing exactly the given ``<block>.to_k``/``.to_v`` matrices
+    (and, with ``label_emb_diff``, SDXL's ``label_emb.0.0.weight`` by ``W0 + diff`` in its own dtype).
 
     Every other tensor is copied unchanged, replaced ones keep their dtype; metadata = the source's
     plus ``metadata``. Atomic, never overwrites, the source is only read.
@@ -422,6 +424,13 @@ def save_sanitized_checkpoint(
         raise MaceError(f"output {str(out)!r} exists; choose another name (the source is never overwritten)")
     tensors, meta = read_safetensors(src, "checkpoint")
     _replace_cross_attention(tensors, new_weights, f"checkpoint {str(src)!r}")
+    if label_emb_diff is not None:
+        key = UNET_PREFIX + "label_emb.0.0.weight"
+        old = tensors.get(key)
+        if old is None or tuple(old.shape) != tuple(label_emb_diff.shape):
+            raise MaceError(f"checkpoint {str(src)!r}: label_emb difference {tuple(label_emb_diff.shape)} does not fit "
+                            f"the model's {None if old is None else tuple(old.shape)}; it was made for another model")
+        tensors[key] = (old.float() + label_emb_diff.float()).to(old.dtype)
     meta.update(metadata or {})
     return atomic_save_safetensors(tensors, out, meta)
 

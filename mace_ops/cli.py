@@ -156,17 +156,22 @@ def _write_outputs(stage: Path, *, checkpoint: Path | None, host: Any, erasure: 
     original = host.cross_attention_weights()
     settings_metadata = settings.as_metadata()  # what run_erasure stored as erasure.metadata["settings"]
     written: dict[str, Any] = {}
+    label = getattr(erasure, "label_emb_diff", None)  # SDXL pooled channel
+    erased_host = host.with_weights(erasure.weights)
+    if label is not None:
+        erased_host = erased_host.with_label_emb(host.label_emb_weight().float() + label)
     if checkpoint is not None:
         meta = _provenance(erasure, settings_metadata)
         if checkpoint.is_dir():
             target = stage / f"{checkpoint.name}_mace.safetensors"
             target.unlink(missing_ok=True)
             write_checkpoint(host.family, host.unet, host.text_encoders, host.vae, target,
-                             cross_attention_weights=erasure.weights, metadata=meta, store_configs=True)
+                             cross_attention_weights=erasure.weights, metadata=meta, store_configs=True,
+                             label_emb=None if label is None else host.label_emb_weight().float() + label)
         else:
             target = stage / f"{checkpoint.stem}_mace.safetensors"
             target.unlink(missing_ok=True)  # left by an interrupted attempt (inside DIR.partial only)
-            save_sanitized_checkpoint(checkpoint, erasure.weights, target, metadata=meta)
+            save_sanitized_checkpoint(checkpoint, erasure.weights, target, metadata=meta, label_emb_diff=label)
         written["checkpoint"] = target.name
     erasure_path = stage / "erasure.safetensors"
     erasure_path.unlink(missing_ok=True)
@@ -178,7 +183,7 @@ def _write_outputs(stage: Path, *, checkpoint: Path | None, host: Any, erasure: 
         shutil.rmtree(report_dir)  # same: a report left by an interrupted attempt of this run
     if not quiet:
         _say("writing the report (before/after images) ...")
-    write_report(report_dir, erasure=erasure, original_host=host, erased_host=host.with_weights(erasure.weights),
+    write_report(report_dir, erasure=erasure, original_host=host, erased_host=erased_host,
                  concepts=concepts, retained=retained, losses=_losses(erasure), seed=settings.seed,
                  steps=settings.sample_steps, cfg=settings.cfg, image_size=settings.image_size,
                  max_image_concepts=report_images, max_retained_images=min(4, report_images),
@@ -576,6 +581,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--fast", action="store_true",
                    help="closed form only (CFR): seconds instead of minutes, no LoRAs; weaker erasure "
                         "(see the README's 'Does it erase?')")
+    r.add_argument("--pooled-channel", action="store_true",
+                   help="SDXL: also edit label_emb's pooled-text columns in closed form, so the concept does not "
+                        "reach the UNet through bigG's pooled embedding (off by default; see the README)")
     r.add_argument("--report-images", type=int, default=8, help="concepts shown with before/after images")
     r.add_argument("--max-concepts", type=int, default=None, help="refuse lists longer than this")
     r.add_argument("--cache", help="cache folder (default: OUT.partial/cache, removed on success)")

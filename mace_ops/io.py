@@ -42,6 +42,9 @@ ERASURE_FORMAT = "mace-erasure"
 ERASURE_FORMAT_VERSION = 1
 UNET_PREFIX = "diffusion_model."
 DIFF_SUFFIX = ".diff"
+#: SDXL's pooled channel (``mace_ops.pooled``): stored as ``diffusion_model.label_emb.0.0.diff``, which
+#: ComfyUI's stock loader applies to ``label_emb.0.0.weight`` like any other diff
+LABEL_EMB_NAME = "label_emb.0.0"
 
 # First bytes of files we refuse without reading further.
 _PICKLE_MAGIC = b"\x80"  # pickle protocol >= 2 (torch.save legacy format, .ckpt/.pt/.bin)
@@ -311,6 +314,9 @@ def save_erasure_diffs(diffs: Mapping[str, Tensor], erasure: Any, path: str | os
     """Write differences ``W_new - W0`` already at hand (e.g. a loaded erasure's) with ``erasure``'s
     fingerprint, concepts and metadata; the format of ``save_erasure``."""
     tensors = {erasure_key(n): d for n, d in sorted(diffs.items()) if bool(torch.any(d != 0))}
+    label = getattr(erasure, "label_emb_diff", None)
+    if label is not None:
+        tensors[f"{UNET_PREFIX}{LABEL_EMB_NAME}{DIFF_SUFFIX}"] = label.detach().float().cpu()
     meta = {
         "mace.format": ERASURE_FORMAT,
         "mace.format_version": str(ERASURE_FORMAT_VERSION),
@@ -355,6 +361,9 @@ def load_erasure(
         raise MaceError(f"{where} was made for base model {fingerprint!r}, not this one ({expected_fingerprint!r}); "
                         "apply it to the model it was made for")
     diffs: dict[str, Tensor] = {}
+    label = tensors.pop(f"{UNET_PREFIX}{LABEL_EMB_NAME}{DIFF_SUFFIX}", None)
+    if label is not None and (label.ndim != 2 or not bool(torch.isfinite(label).all())):
+        raise MaceError(f"{where}: its label_emb difference is not a finite 2-D matrix; the file is corrupt")
     for key, t in tensors.items():
         try:
             name = matrix_name(key)
@@ -374,7 +383,8 @@ def load_erasure(
         except MaceError as e:
             raise MaceError(f"{where}: {e}") from None
         weights = {n: full[n].float() for n in diffs}
-    erasure = Erasure(weights=weights, base_fingerprint=fingerprint, concepts=concepts, metadata=settings)
+    erasure = Erasure(weights=weights, base_fingerprint=fingerprint, concepts=concepts, metadata=settings,
+                      label_emb_diff=None if label is None else label.float())
     return erasure, diffs
 
 

@@ -136,7 +136,7 @@ def read_concepts(args: argparse.Namespace, token_ids: Any) -> tuple[list, list[
 
 
 def with_overrides(args: argparse.Namespace, settings: Any) -> Any:
-    """``settings`` with --seed, --steps, --lr, --images, --size, --sample-steps, --fast applied
+    """``settings`` with --seed, --steps, --lr, --images, --size, --sample-steps, --fast, --pooled-channel applied
     (``check_numbers`` first)."""
     train = dataclasses.replace(settings.train, seed=args.seed)
     if args.steps is not None:
@@ -146,6 +146,8 @@ def with_overrides(args: argparse.Namespace, settings: Any) -> Any:
     overrides: dict[str, Any] = {"seed": args.seed, "train": train.check()}
     if getattr(args, "fast", False):
         overrides["closed_form_only"] = True
+    if getattr(args, "pooled_channel", False):
+        overrides["pooled_channel"] = True
     for field, value in (("n_images", args.images), ("image_size", args.size), ("sample_steps", args.sample_steps)):
         if value is not None:
             overrides[field] = value

@@ -138,3 +138,41 @@ def test_run_writes_checkpoint_erasure_and_report_changing_only_to_k_to_v(files,
     assert len(changed) == n and all(k.endswith((".attn2.to_k.weight", ".attn2.to_v.weight")) for k in changed)
     with safe_open(str(out / "erasure.safetensors"), framework="pt") as e:
         assert len(list(e.keys())) == n
+
+
+def test_pooled_channel_is_written_to_the_checkpoint_and_the_erasure_file(files, tmp_path):
+    from mace_ops.concepts import Concept, concept_prompt_pairs
+    from mace_ops.io import load_erasure
+
+    src = files["sdxl"]
+    concepts = tmp_path / "concepts.txt"
+    concepts.write_text("Taylor Swift -> a person\n", encoding="utf-8")
+    preserve = tmp_path / "preserve.txt"
+    preserve.write_text("a red house\na dog on a beach\na bowl of fruit\n", encoding="utf-8")
+    out = tmp_path / "erased"
+    assert cli.main(["run", "--checkpoint", str(src), "--concepts", str(concepts), "--preserve", str(preserve),
+                     "--out", str(out), "--fast", "--pooled-channel", *FAST]) == 0
+    key = "model.diffusion_model.label_emb.0.0.weight"
+    with safe_open(str(src), framework="pt") as a, safe_open(str(out / "xl_mace.safetensors"), framework="pt") as b:
+        w0, w1 = a.get_tensor(key), b.get_tensor(key)
+    assert w1.dtype == w0.dtype == torch.float16
+    assert torch.equal(w1[:, 1280:], w0[:, 1280:]) and not torch.equal(w1[:, :1280], w0[:, :1280])
+    # independent check of what the edit is for: the concept's pooled embeddings now act as the anchor's
+    host = load_host(src)
+    pairs = concept_prompt_pairs(Concept("Taylor Swift", "a person"))
+    y_c = host.encode_pooled([f for f, _ in pairs]).double()
+    y_a = host.encode_pooled([g for _, g in pairs]).double()
+    p0, p1 = w0[:, :1280].double(), w1[:, :1280].double()
+    before = (y_c @ p0.T - y_a @ p0.T).norm()
+    assert float((y_c @ p1.T - y_a @ p0.T).norm() / before) < 0.02  # float16 storage of P1 limits it
+    erasure, diffs = load_erasure(out / "erasure.safetensors")
+    assert len(diffs) == 140 and erasure.label_emb_diff is not None
+    torch.testing.assert_close(w0.float() + erasure.label_emb_diff, w1.float(), atol=1e-3, rtol=1e-3)
+
+
+def test_pooled_channel_is_refused_without_a_pooled_channel(files, tmp_path, capsys):
+    concepts = tmp_path / "concepts.txt"
+    concepts.write_text("Taylor Swift -> a person\n", encoding="utf-8")
+    assert cli.main(["run", "--checkpoint", str(files["sd2"]), "--concepts", str(concepts), "--out",
+                     str(tmp_path / "o"), "--fast", "--pooled-channel", *FAST]) == 2
+    assert "needs an SDXL base model" in capsys.readouterr().err
