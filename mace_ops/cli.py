@@ -145,7 +145,8 @@ def _provenance(erasure: Any, settings_metadata: dict[str, Any]) -> dict[str, st
 
 
 def _write_outputs(stage: Path, *, checkpoint: Path | None, host: Any, erasure: Any, concepts: list,
-                   retained: list[str], settings: Any, report_images: int, quiet: bool) -> dict[str, Any]:
+                   retained: list[str], settings: Any, report_images: int, quiet: bool,
+                   compact: float | None = None) -> dict[str, Any]:
     """Sanitized checkpoint (when ``checkpoint``), erasure file, concepts.txt and report/ into ``stage``."""
     from .checkpoint import save_sanitized_checkpoint
     from .concepts import format_concept_list
@@ -175,7 +176,7 @@ def _write_outputs(stage: Path, *, checkpoint: Path | None, host: Any, erasure: 
         written["checkpoint"] = target.name
     erasure_path = stage / "erasure.safetensors"
     erasure_path.unlink(missing_ok=True)
-    save_erasure(erasure, original, erasure_path)
+    save_erasure(erasure, original, erasure_path, compact=compact)
     written["erasure"] = erasure_path.name
     (stage / "concepts.txt").write_text(format_concept_list(concepts) + "\n", encoding="utf-8")
     report_dir = stage / "report"
@@ -228,7 +229,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                             cache=cache, quiet=args.quiet, engine=engine)
     written = _write_outputs(stage, checkpoint=checkpoint, host=host, erasure=erasure, concepts=concepts,
                              retained=inputs.retained, settings=inputs.settings, report_images=args.report_images,
-                             quiet=args.quiet)
+                             quiet=args.quiet, compact=args.compact_erasure)
     _finish(stage, out, cache, args.keep_cache)
     print(f"done in {time.time() - t0:.0f} s: {out / written['checkpoint']}, {out / written['erasure']}, "
           f"report {out / written['report']}")
@@ -584,6 +585,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--pooled-channel", action="store_true",
                    help="SDXL: also edit label_emb's pooled-text columns in closed form, so the concept does not "
                         "reach the UNet through bigG's pooled embedding (off by default; see the README)")
+    r.add_argument("--compact-erasure", type=float, metavar="TOL", default=None,
+                   help="write the erasure file as float16 truncated-SVD factors within relative error TOL "
+                        "(e.g. 0.01; SDXL: the dense file is ~1.4 GB); default: dense differences")
     r.add_argument("--report-images", type=int, default=8, help="concepts shown with before/after images")
     r.add_argument("--max-concepts", type=int, default=None, help="refuse lists longer than this")
     r.add_argument("--cache", help="cache folder (default: OUT.partial/cache, removed on success)")

@@ -13,6 +13,10 @@ the key form that ComfyUI's stock LoRA loader applies as a full-weight differenc
 
 (``comfy/lora.py``: ``model_lora_keys_unet`` maps ``diffusion_model.<path>`` -> ``<path>.weight``
 and ``load_lora`` turns ``<key>.diff`` into a ``("diff", ...)`` patch, i.e. ``W = W0 + s·diff``.)
+SDXL's pooled-channel edit adds ``diffusion_model.label_emb.0.0.diff``. A compact file
+(``save_erasure(..., compact=tol)``, ``mace_ops.compact``) stores ``<key>.lora_up.weight`` /
+``.lora_down.weight`` factors instead of ``.diff`` (also a form the stock loader applies) and the
+metadata ``mace.compact`` (json {tolerance, dtype, ranks}); ``load_erasure`` reads both forms.
 Metadata (all strings): ``mace.format`` = ``"mace-erasure"``, ``mace.format_version``,
 ``mace.base_fingerprint``, ``mace.concepts`` (json list of {phrase, anchor, kind}), ``mace.matrices``
 (json {name: [d_out, d_ctx]}), ``mace.settings`` (json of ``Erasure.metadata``).
@@ -297,23 +301,31 @@ def _to_concepts(items: list[dict[str, str]]) -> list:
 
 
 def save_erasure(erasure: Any, original_weights: Mapping[str, Tensor], path: str | os.PathLike[str], *,
-                 overwrite: bool = False) -> Path:
+                 overwrite: bool = False, compact: float | None = None) -> Path:
     """Write ``erasure`` as differences to ``original_weights`` (only matrices that changed).
 
-    ``diff[name] = W_new - W0`` in float32, key ``diffusion_model.<name>.diff``.
+    ``diff[name] = W_new - W0`` in float32, key ``diffusion_model.<name>.diff``; with ``compact`` (a
+    relative error, e.g. 0.01) each as float16 truncated-SVD factors instead (``mace_ops.compact``).
     """
     missing = sorted(set(erasure.weights) - set(original_weights))
     if missing:
         raise MaceError(f"erasure has matrices the base model lacks ({missing[0]!r}, {len(missing)} in all); "
                         "save it with the weights of the model it was made for")
-    return save_erasure_diffs(erasure.diffs(original_weights), erasure, path, overwrite=overwrite)
+    return save_erasure_diffs(erasure.diffs(original_weights), erasure, path, overwrite=overwrite, compact=compact)
 
 
 def save_erasure_diffs(diffs: Mapping[str, Tensor], erasure: Any, path: str | os.PathLike[str], *,
-                       overwrite: bool = False) -> Path:
+                       overwrite: bool = False, compact: float | None = None) -> Path:
     """Write differences ``W_new - W0`` already at hand (e.g. a loaded erasure's) with ``erasure``'s
     fingerprint, concepts and metadata; the format of ``save_erasure``."""
-    tensors = {erasure_key(n): d for n, d in sorted(diffs.items()) if bool(torch.any(d != 0))}
+    from .compact import compact_tensors
+
+    extra: dict[str, str] = {}
+    if compact is None:
+        tensors = {erasure_key(n): d for n, d in sorted(diffs.items()) if bool(torch.any(d != 0))}
+    else:
+        tensors, ranks = compact_tensors(diffs, compact, UNET_PREFIX)
+        extra["mace.compact"] = json.dumps({"tolerance": compact, "dtype": "float16", "ranks": ranks})
     label = getattr(erasure, "label_emb_diff", None)
     if label is not None:
         tensors[f"{UNET_PREFIX}{LABEL_EMB_NAME}{DIFF_SUFFIX}"] = label.detach().float().cpu()
@@ -324,6 +336,7 @@ def save_erasure_diffs(diffs: Mapping[str, Tensor], erasure: Any, path: str | os
         "mace.concepts": json.dumps(concept_dicts(list(erasure.concepts))),
         "mace.matrices": json.dumps({n: list(diffs[n].shape) for n in sorted(diffs)}),
         "mace.settings": json.dumps(erasure.metadata, default=str, sort_keys=True),
+        **extra,
     }
     return atomic_save_safetensors(tensors, path, meta, overwrite=overwrite)
 
@@ -360,6 +373,9 @@ def load_erasure(
     if expected_fingerprint is not None and fingerprint != expected_fingerprint:
         raise MaceError(f"{where} was made for base model {fingerprint!r}, not this one ({expected_fingerprint!r}); "
                         "apply it to the model it was made for")
+    from .compact import expand_low_rank
+
+    tensors.update(expand_low_rank(tensors, where))  # a compact file: factors -> dense differences
     diffs: dict[str, Tensor] = {}
     label = tensors.pop(f"{UNET_PREFIX}{LABEL_EMB_NAME}{DIFF_SUFFIX}", None)
     if label is not None and (label.ndim != 2 or not bool(torch.isfinite(label).all())):

@@ -70,6 +70,9 @@ def check_numbers(args: argparse.Namespace) -> None:
             raise MaceError(f"{flag} {value}: give a whole number >= {least}")
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
         raise MaceError(f"--lr {args.lr}: give a positive learning rate (e.g. 1e-4)")
+    compact = getattr(args, "compact_erasure", None)
+    if compact is not None and not (math.isfinite(compact) and 0 <= compact < 1):
+        raise MaceError(f"--compact-erasure {compact}: give a relative error in [0, 1) (e.g. 0.01)")
 
 
 def check_device(device: str | None) -> None:
