@@ -11,7 +11,8 @@ decays, so it is stored as the shortest truncated SVD within a relative Frobeniu
 under the keys ``diffusion_model.<block>.to_k.lora_up.weight`` / ``.lora_down.weight``: the plain LoRA
 form, so ComfyUI's stock LoRA loader applies a compact file as well (no alpha: scale 1).
 Factors are stored in ``dtype`` (default float16, which adds ~1e-3 relative error on top of ``tol``).
-Size per matrix: r (d_out + d_ctx) numbers instead of d_out · d_ctx.
+Size per matrix: r (d_out + d_ctx) numbers instead of d_out · d_ctx; a matrix whose r makes the
+factors no smaller (r ≥ d_out d_ctx / (d_out + d_ctx)) is stored dense in ``dtype`` as ``<key>.diff``.
 """
 
 from __future__ import annotations
@@ -44,12 +45,17 @@ def low_rank_factors(diff: Tensor, tol: float) -> tuple[Tensor, Tensor]:
 
 def compact_tensors(diffs: Mapping[str, Tensor], tol: float, prefix: str,
                     dtype: torch.dtype = torch.float16) -> tuple[dict[str, Tensor], dict[str, int]]:
-    """``({prefix<name>.lora_up.weight: up, ...down...}, {name: rank})`` for every non-zero diff."""
+    """``({prefix<name>.lora_up.weight: up, ...down...}, {name: rank})`` for every non-zero diff
+    (``{prefix<name>.diff: diff}`` in ``dtype`` where the factors would not be smaller; its rank: 0)."""
     tensors, ranks = {}, {}
     for name, d in sorted(diffs.items()):
         if not bool(torch.any(d != 0)):
             continue
         up, down = low_rank_factors(d, tol)
+        if up.shape[1] * (d.shape[0] + d.shape[1]) >= d.numel():
+            tensors[f"{prefix}{name}.diff"] = d.detach().to(dtype).contiguous()
+            ranks[name] = 0
+            continue
         tensors[f"{prefix}{name}{UP_SUFFIX}"] = up.to(dtype).contiguous()
         tensors[f"{prefix}{name}{DOWN_SUFFIX}"] = down.to(dtype).contiguous()
         ranks[name] = int(up.shape[1])

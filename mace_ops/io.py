@@ -16,7 +16,7 @@ and ``load_lora`` turns ``<key>.diff`` into a ``("diff", ...)`` patch, i.e. ``W 
 SDXL's pooled-channel edit adds ``diffusion_model.label_emb.0.0.diff``. A compact file
 (``save_erasure(..., compact=tol)``, ``mace_ops.compact``) stores ``<key>.lora_up.weight`` /
 ``.lora_down.weight`` factors instead of ``.diff`` (also a form the stock loader applies) and the
-metadata ``mace.compact`` (json {tolerance, dtype, ranks}); ``load_erasure`` reads both forms.
+metadata ``mace.compact`` (json {tolerance, dtype, ranks; 0 = stored dense}); ``load_erasure`` reads both forms.
 Metadata (all strings): ``mace.format`` = ``"mace-erasure"``, ``mace.format_version``,
 ``mace.base_fingerprint``, ``mace.concepts`` (json list of {phrase, anchor, kind}), ``mace.matrices``
 (json {name: [d_out, d_ctx]}), ``mace.settings`` (json of ``Erasure.metadata``).
