@@ -20,6 +20,11 @@ channel itself: ``||P y_c − P0 y_a|| / ||P0 y_c − P0 y_a||`` on the pooled c
 held-out prompts ``||(P − P0) y|| / ||P0 y||``.
 
     .venv/bin/python benchmarks/bench_pooled_channel.py
+    .venv/bin/python benchmarks/bench_pooled_channel.py --sweep 1,10,100,1000 [--keep 64]   # pooled columns only
+
+``--sweep W,...``: the pooled columns alone (no UNet forward, seconds): for each preservation weight,
+the concept→anchor residual ``||P y_c − P0 y_a|| / ||P0 y_c − P0 y_a||`` over all ~30 prompt pairs per
+concept and the held-out drift, as above.
 """
 
 from __future__ import annotations
@@ -48,8 +53,40 @@ def _eps(host: DiffusersHost, ctx: torch.Tensor, y: torch.Tensor, x: torch.Tenso
         return unet(x, t, ctx, pooled=y).float()
 
 
+def sweep(weights: list[float], n_keep: int = 64) -> None:
+    """Residual and held-out drift of the pooled-column edit for each preservation weight (``n_keep``
+    preservation prompts from the corpus; the held-out ones are its last 32)."""
+    from mace_ops.closed_form import Preservation
+    from mace_ops.pooled import edit_pooled_columns, pooled_moments, pooled_pair_moments
+
+    base = DiffusersHost.from_tiny(0, family="sdxl")
+    corpus = default_corpus()
+    keep, held_out = corpus[:n_keep], corpus[-32:]
+    cross, gram = pooled_pair_moments(base.encode_pooled, CONCEPTS)
+    keep_m = pooled_moments(base.encode_pooled, keep)
+    pairs = [p for c in CONCEPTS for p in concept_prompt_pairs(c)]
+    yc = base.encode_pooled([p for p, _ in pairs]).double()
+    ya = base.encode_pooled([q for _, q in pairs]).double()
+    yh = base.encode_pooled(held_out).double()
+    w0 = base.label_emb_weight()
+    p0 = w0[:, :1280].double()
+    print(f"tiny SDXL, {len(CONCEPTS)} concepts ({len(pairs)} prompt pairs), {len(keep)} preservation prompts, "
+          f"{len(held_out)} held-out")
+    print("| preservation weight | concept→anchor residual | held-out drift |")
+    print("|---:|---:|---:|")
+    for w in weights:
+        p1 = edit_pooled_columns(w0, cross, gram, [Preservation(keep_m, w)])[:, :1280].double()
+        residual = float((yc @ p1.T - ya @ p0.T).norm() / (yc @ p0.T - ya @ p0.T).norm())
+        drift = float((yh @ (p1 - p0).T).norm() / (yh @ p0.T).norm())
+        print(f"| {w:g} | {residual:.4f} | {drift:.4f} |")
+
+
 def main() -> None:
     torch.set_num_threads(2)
+    if "--sweep" in sys.argv:
+        keep = int(sys.argv[sys.argv.index("--keep") + 1]) if "--keep" in sys.argv else 64
+        sweep([float(x) for x in sys.argv[sys.argv.index("--sweep") + 1].split(",")], keep)
+        return
     base = DiffusersHost.from_tiny(0, family="sdxl")
     corpus = default_corpus()
     keep, held_out = corpus[:64], corpus[-32:]

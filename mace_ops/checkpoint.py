@@ -89,7 +89,7 @@ def unet_ldm_names(keys: list[str], config: Mapping[str, Any]) -> dict[str, str]
     """``{diffusers UNet key: LDM key without prefix}`` for every key (see the module docstring)."""
     from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
 
-    top = DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"]
+    top = {**DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"], **DIFFUSERS_TO_LDM_MAPPING["unet"]["addition_embed_type"]}
     per = int(config["layers_per_block"]) + 1
     attn_up = {i for i, t in enumerate(config["up_block_types"]) if "CrossAttn" in t}
     out: dict[str, str] = {}
@@ -154,9 +154,9 @@ def vae_ldm_names(keys: list[str], config: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
-def sd1_state_dict(unet: nn.Module, text_encoder: nn.Module, vae: nn.Module) -> dict[str, Tensor]:
-    """The three modules as one SD1.x single-file state dict (LDM names), checked against diffusers'
-    own LDM -> diffusers conversion (every key and tensor must map back exactly)."""
+def unet_vae_state_dict(unet: nn.Module, vae: nn.Module) -> dict[str, Tensor]:
+    """The UNet and VAE as single-file tensors (LDM names, ``model.diffusion_model.`` / ``first_stage_model.``),
+    checked against diffusers' own LDM -> diffusers conversion (every key and tensor must map back exactly)."""
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
     out: dict[str, Tensor] = {}
@@ -169,15 +169,20 @@ def sd1_state_dict(unet: nn.Module, text_encoder: nn.Module, vae: nn.Module) -> 
         if ".mid.attn_1." in ldm and ldm.endswith(".weight") and t.ndim == 2:
             t = t[:, :, None, None].contiguous()  # LDM VAE attention uses 1x1 convs
         out[VAE_PREFIX + ldm] = t
-    for k, v in text_encoder.state_dict().items():
-        out[CLIP_PREFIX + "text_model." + k.removeprefix("text_model.")] = v.detach().cpu().contiguous()
-
     back = convert_ldm_unet_checkpoint(out, dict(unet.config))
     if set(back) != set(usd) or any(not torch.equal(back[k], usd[k]) for k in usd):
         raise RuntimeError("diffusers -> LDM UNet names do not invert diffusers' conversion")
     back = convert_ldm_vae_checkpoint(out, dict(vae.config))
     if set(back) != set(vsd) or any(not torch.equal(back[k].reshape(vsd[k].shape), vsd[k]) for k in vsd):
         raise RuntimeError("diffusers -> LDM VAE names do not invert diffusers' conversion")
+    return out
+
+
+def sd1_state_dict(unet: nn.Module, text_encoder: nn.Module, vae: nn.Module) -> dict[str, Tensor]:
+    """The three modules as one SD1.x single-file state dict (LDM names; ``unet_vae_state_dict`` + CLIP)."""
+    out = unet_vae_state_dict(unet, vae)
+    for k, v in text_encoder.state_dict().items():
+        out[CLIP_PREFIX + "text_model." + k.removeprefix("text_model.")] = v.detach().cpu().contiguous()
     return out
 
 
@@ -261,11 +266,11 @@ def _check_sd1_file(path: str, keys: list[str], slice_shape: Any) -> None:
         raise MaceError(f"{where} has no model.diffusion_model.* tensors: not a Stable Diffusion single-file "
                         "checkpoint; give an SD1.x .safetensors checkpoint or a diffusers folder")
     if any(k.startswith("conditioner.embedders.") for k in keys):
-        raise MaceError(f"{where} is an SDXL checkpoint; mace-erase run loads SD1.x (v1.4/v1.5) single files only "
-                        "so far (SDXL runs through the diffusers host in Python: DiffusersHost(..., text_encoder_2=...))")
+        raise MaceError(f"{where} is an SDXL checkpoint, not SD1.x; load it with mace_ops.single_file.load_host "
+                        "(what mace-erase run does)")
     if any(k.startswith("cond_stage_model.model.") for k in keys):
-        raise MaceError(f"{where} is an SD2.x checkpoint (OpenCLIP text encoder); mace-erase run loads SD1.x single "
-                        "files only so far (SD2.x runs through the diffusers host in Python)")
+        raise MaceError(f"{where} is an SD2.x checkpoint (OpenCLIP text encoder), not SD1.x; load it with "
+                        "mace_ops.single_file.load_host (what mace-erase run does)")
     if _PROBE_KEY not in keys:
         raise MaceError(f"{where} has no cross-attention block input_blocks.1.1 (no {_PROBE_KEY}): not an SD1.x UNet")
     shape = slice_shape(_PROBE_KEY)
@@ -302,18 +307,19 @@ def check_sd1_source(path: str | os.PathLike[str]) -> Path:
     return p
 
 
-def _load_into(module: nn.Module, sd: dict[str, Tensor], what: str, path: str, optional: tuple[str, ...] = ()) -> None:
+def _load_into(module: nn.Module, sd: dict[str, Tensor], what: str, path: str, optional: tuple[str, ...] = (),
+               model: str = "SD1.x") -> None:
     own = module.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(k for k in set(sd) - set(own) if not k.endswith(optional))
     if missing or unexpected:
         first = (missing or unexpected)[0]
-        raise MaceError(f"checkpoint {path!r}: {what} does not match SD1.x ({len(missing)} tensors missing, "
-                        f"{len(unexpected)} unexpected, e.g. {first!r}); give an SD1.x checkpoint")
+        raise MaceError(f"checkpoint {path!r}: {what} does not match {model} ({len(missing)} tensors missing, "
+                        f"{len(unexpected)} unexpected, e.g. {first!r}); give an {model} checkpoint")
     for k, v in own.items():
         if tuple(v.shape) != tuple(sd[k].shape):
-            raise MaceError(f"checkpoint {path!r}: {what} tensor {k!r} is {tuple(sd[k].shape)}, SD1.x needs "
-                            f"{tuple(v.shape)}; give an SD1.x checkpoint")
+            raise MaceError(f"checkpoint {path!r}: {what} tensor {k!r} is {tuple(sd[k].shape)}, {model} needs "
+                            f"{tuple(v.shape)}; give an {model} checkpoint")
     module.load_state_dict({k: sd[k] for k in own}, strict=True, assign=True)
     for name, t in list(module.named_parameters()) + list(module.named_buffers()):
         if t.is_meta:
@@ -406,8 +412,10 @@ def save_sanitized_checkpoint(
     out_path: str | os.PathLike[str],
     *,
     metadata: Mapping[str, str] | None = None,
+    label_emb_diff: Tensor | None = None,
 ) -> Path:
-    """Copy ``src_path`` to ``out_path`` replacing exactly the given ``<block>.to_k``/``.to_v`` matrices.
+    """Copy ``src_path`` to ``out_path`` replacing exactly the given ``<block>.to_k``/``.to_v`` matrices
+    (and, with ``label_emb_diff``, SDXL's ``label_emb.0.0.weight`` by ``W0 + diff`` in its own dtype).
 
     Every other tensor is copied unchanged, replaced ones keep their dtype; metadata = the source's
     plus ``metadata``. Atomic, never overwrites, the source is only read.
@@ -417,6 +425,13 @@ def save_sanitized_checkpoint(
         raise MaceError(f"output {str(out)!r} exists; choose another name (the source is never overwritten)")
     tensors, meta = read_safetensors(src, "checkpoint")
     _replace_cross_attention(tensors, new_weights, f"checkpoint {str(src)!r}")
+    if label_emb_diff is not None:
+        key = CHECKPOINT_UNET_PREFIX + "label_emb.0.0.weight"
+        old = tensors.get(key)
+        if old is None or tuple(old.shape) != tuple(label_emb_diff.shape):
+            raise MaceError(f"checkpoint {str(src)!r}: label_emb difference {tuple(label_emb_diff.shape)} does not fit "
+                            f"the model's {None if old is None else tuple(old.shape)}; it was made for another model")
+        tensors[key] = (old.float() + label_emb_diff.float()).to(old.dtype)
     meta.update(metadata or {})
     return atomic_save_safetensors(tensors, out, meta)
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MaceError
-from .run_inputs import check_new_folder, check_run_inputs
+from .run_inputs import add_prediction_arg, check_new_folder, check_run_inputs
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 2, 130
 DEMO_PRESERVE_PROMPTS = 200
@@ -105,31 +105,38 @@ def _provenance(erasure: Any, settings_metadata: dict[str, Any]) -> dict[str, st
 
 
 def _write_outputs(stage: Path, *, checkpoint: Path | None, host: Any, erasure: Any, concepts: list,
-                   retained: list[str], settings: Any, report_images: int, quiet: bool) -> dict[str, Any]:
+                   retained: list[str], settings: Any, report_images: int, quiet: bool,
+                   compact: float | None = None) -> dict[str, Any]:
     """Sanitized checkpoint (when ``checkpoint``), erasure file, concepts.txt and report/ into ``stage``."""
-    from .checkpoint import save_sanitized_checkpoint, write_sd1_checkpoint
+    from .checkpoint import save_sanitized_checkpoint
     from .concepts import format_concept_list
     from .erasure import save_erasure
     from .report import write_report
+    from .single_file import write_checkpoint
 
     original = host.cross_attention_weights()
     settings_metadata = settings.as_metadata()  # what run_erasure stored as erasure.metadata["settings"]
     written: dict[str, Any] = {}
+    label = getattr(erasure, "label_emb_diff", None)  # SDXL pooled channel
+    erased_host = host.with_weights(erasure.weights)
+    if label is not None:
+        erased_host = erased_host.with_label_emb(host.label_emb_weight().float() + label)
     if checkpoint is not None:
         meta = _provenance(erasure, settings_metadata)
         if checkpoint.is_dir():
             target = stage / f"{checkpoint.name}_mace.safetensors"
             target.unlink(missing_ok=True)
-            write_sd1_checkpoint(host.unet, host.text_encoder, host.vae, target,
-                                 cross_attention_weights=erasure.weights, metadata=meta, store_configs=True)
+            write_checkpoint(host.family, host.unet, host.text_encoders, host.vae, target,
+                             cross_attention_weights=erasure.weights, metadata=meta, store_configs=True,
+                             label_emb=None if label is None else host.label_emb_weight().float() + label)
         else:
             target = stage / f"{checkpoint.stem}_mace.safetensors"
             target.unlink(missing_ok=True)  # left by an interrupted attempt (inside DIR.partial only)
-            save_sanitized_checkpoint(checkpoint, erasure.weights, target, metadata=meta)
+            save_sanitized_checkpoint(checkpoint, erasure.weights, target, metadata=meta, label_emb_diff=label)
         written["checkpoint"] = target.name
     erasure_path = stage / "erasure.safetensors"
     erasure_path.unlink(missing_ok=True)
-    save_erasure(erasure, original, erasure_path)
+    save_erasure(erasure, original, erasure_path, compact=compact)
     written["erasure"] = erasure_path.name
     (stage / "concepts.txt").write_text(format_concept_list(concepts) + "\n", encoding="utf-8")
     report_dir = stage / "report"
@@ -137,7 +144,7 @@ def _write_outputs(stage: Path, *, checkpoint: Path | None, host: Any, erasure: 
         shutil.rmtree(report_dir)  # same: a report left by an interrupted attempt of this run
     if not quiet:
         _say("writing the report (before/after images) ...")
-    write_report(report_dir, erasure=erasure, original_host=host, erased_host=host.with_weights(erasure.weights),
+    write_report(report_dir, erasure=erasure, original_host=host, erased_host=erased_host,
                  concepts=concepts, retained=retained, losses=_losses(erasure), seed=settings.seed,
                  steps=settings.sample_steps, cfg=settings.cfg, image_size=settings.image_size,
                  max_image_concepts=report_images, max_retained_images=min(4, report_images),
@@ -160,8 +167,8 @@ def _finish(stage: Path, out: Path, cache: Path, keep_cache: bool) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     """Check every cheap input first (``run_inputs``: nothing loaded or written on a bad one), then load
     the model and erase."""
-    from .checkpoint import load_sd1_host
     from .concept_task import HostRecipe
+    from .single_file import load_host
 
     inputs = check_run_inputs(args)
     out, checkpoint, concepts = inputs.out, inputs.checkpoint, inputs.concepts
@@ -170,8 +177,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     t0 = time.time()
     if not args.quiet:
         _say(f"inputs checked ({len(concepts)} concepts); loading {checkpoint} ...")
-    engine = _engine(args, HostRecipe("checkpoint", str(Path(checkpoint).resolve())))
-    host = load_sd1_host(checkpoint, device=args.device)
+    engine = _engine(args, HostRecipe("checkpoint", str(Path(checkpoint).resolve()), args.prediction_type))
+    host = load_host(checkpoint, device=args.device, prediction=args.prediction_type)
     if stage.exists() and not args.quiet:
         _say(f"resuming: reusing finished work in {stage}")
     stage.mkdir(parents=True, exist_ok=True)
@@ -182,7 +189,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                             cache=cache, quiet=args.quiet, engine=engine)
     written = _write_outputs(stage, checkpoint=checkpoint, host=host, erasure=erasure, concepts=concepts,
                              retained=inputs.retained, settings=inputs.settings, report_images=args.report_images,
-                             quiet=args.quiet)
+                             quiet=args.quiet, compact=args.compact_erasure)
     _finish(stage, out, cache, args.keep_cache)
     print(f"done in {time.time() - t0:.0f} s: {out / written['checkpoint']}, {out / written['erasure']}, "
           f"report {out / written['report']}")
@@ -296,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="erase concepts from a checkpoint")
-    r.add_argument("--checkpoint", required=True, help="SD1.x .safetensors single file or diffusers folder (read only)")
+    r.add_argument("--checkpoint", required=True,
+                   help="SD1.x, SD2.x or SDXL .safetensors single file or diffusers folder (read only)")
     src = r.add_mutually_exclusive_group(required=True)
     src.add_argument("--concepts", help="text file: one 'phrase -> anchor' (or 'phrase') per line")
     src.add_argument("--preset", help="a bundled preset (e.g. celebrities_100, artists_100, explicit, objects_cifar10)")
@@ -318,12 +326,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after CFR, N rounds of concept inversion on the erased model whose recovered tokens are "
                         "added to CFR's pairs (RECE-style hardening; 0: off). Costs N x (inversion of every "
                         "concept); see the README's 'Is it really gone?'")
+    r.add_argument("--pooled-channel", action="store_true",
+                   help="SDXL: also edit label_emb's pooled-text columns in closed form, so the concept does not "
+                        "reach the UNet through bigG's pooled embedding (off by default; see the README)")
+    r.add_argument("--compact-erasure", type=float, metavar="TOL", default=None,
+                   help="write the erasure file as float16 truncated-SVD factors within relative error TOL "
+                        "(e.g. 0.01; SDXL: the dense file is ~1.4 GB); default: dense differences")
     r.add_argument("--report-images", type=int, default=8, help="concepts shown with before/after images")
     r.add_argument("--max-concepts", type=int, default=None, help="refuse lists longer than this")
     r.add_argument("--cache", help="cache folder (default: OUT.partial/cache, removed on success)")
     r.add_argument("--keep-cache", action="store_true", help="keep the default cache after success")
     r.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
     r.add_argument("--quiet", action="store_true")
+    add_prediction_arg(r)
     _add_engine_args(r)
     r.set_defaults(func=cmd_run)
 

@@ -57,11 +57,12 @@ class HostFactory(Protocol):
 class HostRecipe:
     """A ``HostFactory`` that builds the host in the worker (cheap to send, unlike a pickled host, which
     is about 190 MB even for the tiny model): ``kind`` "checkpoint" (``source``: the
-    path of an SD1.x checkpoint, readable on every worker's machine), "world" (the shipped world model)
+    path of an SD1.x, SD2.x or SDXL checkpoint, readable on every worker's machine), "world" (the shipped world model)
     or "tiny" (``source``: the seed of ``DiffusersHost.from_tiny``)."""
 
     kind: str
     source: str | int = 0
+    prediction: str = "auto"  # checkpoint: the prediction type ("auto", "epsilon", "v_prediction")
 
     def __post_init__(self) -> None:
         if self.kind not in ("checkpoint", "world", "tiny"):
@@ -71,9 +72,9 @@ class HostRecipe:
         from .hosts.diffusers import DiffusersHost
 
         if self.kind == "checkpoint":
-            from .checkpoint import load_sd1_host
+            from .single_file import load_host
 
-            return load_sd1_host(str(self.source), device=device)
+            return load_host(str(self.source), device=device, prediction=self.prediction)
         if self.kind == "world":
             return DiffusersHost.from_world()
         return DiffusersHost.from_tiny(int(self.source))

@@ -49,6 +49,9 @@ ERASURE_FORMAT_VERSION = 1
 #: ComfyUI's key prefix of a UNet weight in a LoRA file (``diffusion_model.<block>.to_k``).
 ERASURE_KEY_PREFIX = "diffusion_model."
 DIFF_SUFFIX = ".diff"
+#: SDXL's pooled channel (``mace_ops.pooled``): stored as ``diffusion_model.label_emb.0.0.diff``, which
+#: ComfyUI's stock loader applies to ``label_emb.0.0.weight`` like any other diff
+LABEL_EMB_NAME = "label_emb.0.0"
 SOURCES = ("run_erasure", "fuse_weights", "fuse_external_loras")
 
 
@@ -97,6 +100,8 @@ class Erasure:
     base_fingerprint: str  # Host.model_fingerprint() of the ORIGINAL model
     concepts: list[Concept]
     metadata: dict[str, Any] = field(default_factory=dict)
+    #: SDXL pooled channel: ``label_emb.0.0.weight`` new − original, (d_t, 2816) float32; None: unchanged
+    label_emb_diff: Tensor | None = None
 
     def __post_init__(self) -> None:
         self.metadata = canonical_metadata(self.metadata)
@@ -177,24 +182,33 @@ def matrix_name(key: str) -> str:
 
 
 def save_erasure(erasure: Erasure, original_weights: Mapping[str, Tensor], path: str | os.PathLike[str], *,
-                 overwrite: bool = False) -> Path:
+                 overwrite: bool = False, compact: float | None = None) -> Path:
     """Write ``erasure`` as differences to ``original_weights`` (only matrices that changed).
 
-    ``diff[name] = W_new - W0`` in float32, key ``diffusion_model.<name>.diff``.
+    ``diff[name] = W_new - W0`` in float32, key ``diffusion_model.<name>.diff``; with ``compact`` (a
+    relative error, e.g. 0.01) each as float16 truncated-SVD factors instead (``mace_ops.compact``).
     """
     missing = sorted(set(erasure.weights) - set(original_weights))
     if missing:
         raise MaceError(f"erasure has matrices the base model lacks ({missing[0]!r}, {len(missing)} in all); "
                         "save it with the weights of the model it was made for")
-    return save_erasure_diffs(erasure.diffs(original_weights), erasure, path, overwrite=overwrite)
+    return save_erasure_diffs(erasure.diffs(original_weights), erasure, path, overwrite=overwrite, compact=compact)
 
 
 def save_erasure_diffs(diffs: Mapping[str, Tensor], erasure: Erasure, path: str | os.PathLike[str], *,
-                       overwrite: bool = False) -> Path:
+                       overwrite: bool = False, compact: float | None = None) -> Path:
     """Write differences ``W_new - W0`` already at hand (e.g. a loaded erasure's) with ``erasure``'s
     fingerprint, concepts and metadata; the format of ``save_erasure``."""
-    tensors = {erasure_key(n): d for n, d in sorted(diffs.items()) if bool(torch.any(d != 0))}
+    from .compact import compact_tensors
+
     meta = erasure.to_metadata()
+    if compact is None:
+        tensors = {erasure_key(n): d for n, d in sorted(diffs.items()) if bool(torch.any(d != 0))}
+    else:
+        tensors, ranks = compact_tensors(diffs, compact, ERASURE_KEY_PREFIX)
+        meta["mace.compact"] = json.dumps({"tolerance": compact, "dtype": "float16", "ranks": ranks})
+    if erasure.label_emb_diff is not None:
+        tensors[f"{ERASURE_KEY_PREFIX}{LABEL_EMB_NAME}{DIFF_SUFFIX}"] = erasure.label_emb_diff.detach().float().cpu()
     meta["mace.matrices"] = json.dumps({n: list(diffs[n].shape) for n in sorted(diffs)})
     return atomic_save_safetensors(tensors, path, meta, overwrite=overwrite)
 
@@ -239,6 +253,14 @@ def load_erasure(
     if expected_fingerprint is not None and fingerprint != expected_fingerprint:
         raise MaceError(f"{where} was made for base model {fingerprint!r}, not this one ({expected_fingerprint!r}); "
                         "apply it to the model it was made for")
+    from .compact import expand_low_rank
+
+    tensors = dict(tensors)
+    tensors.update(expand_low_rank(tensors, where))  # a compact file: factors -> dense differences
+    label = tensors.pop(f"{ERASURE_KEY_PREFIX}{LABEL_EMB_NAME}{DIFF_SUFFIX}", None)
+    if label is not None and (label.ndim != 2 or not bool(torch.isfinite(label).all())):
+        raise MaceError(f"{where}: its label_emb difference is not a finite 2-D matrix; the file is corrupt")
+    erasure.label_emb_diff = None if label is None else label.float()
     diffs = _checked_diffs(tensors, shapes, where)
     if original_weights is not None:
         try:

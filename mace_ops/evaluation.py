@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MaceError
-from .run_inputs import check_new_folder, read_text
+from .run_inputs import add_prediction_arg, check_new_folder, read_text
 
 EXIT_OK = 0
 
@@ -208,16 +208,16 @@ def _eval_metrics(args: argparse.Namespace, items: list[dict[str, Any]], out: Pa
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .checkpoint import load_sd1_host
     from .erasure import load_erasure
     from .report import save_png
+    from .single_file import load_host
 
     out = Path(args.out)
     check_new_folder(out)
     if args.seeds < 1 or args.steps < 1 or args.size % 8 or args.size <= 0:
         raise MaceError("--seeds and --steps must be >= 1 and --size a positive multiple of 8")
     checkpoint = Path(args.checkpoint)
-    host = load_sd1_host(checkpoint, device=args.device)
+    host = load_host(checkpoint, device=args.device, prediction=args.prediction_type)
     erasure_concepts = None
     if args.erasure:
         erasure, _ = load_erasure(args.erasure, original_weights=host.cross_attention_weights(),
@@ -264,7 +264,8 @@ def add_eval_parser(sub: Any) -> None:
     """The ``eval`` subcommand on ``mace-erase``'s subparsers."""
     e = sub.add_parser("eval", help="generate a benchmark prompt set and compute the metrics available here")
     e.add_argument("--suite", required=True, choices=("objects", "celebrities", "explicit", "artists"))
-    e.add_argument("--checkpoint", required=True, help="SD1.x .safetensors file or diffusers folder")
+    e.add_argument("--checkpoint", required=True, help="SD1.x, SD2.x or SDXL .safetensors file or diffusers folder")
+    add_prediction_arg(e)
     e.add_argument("--erasure", help="erasure file to apply to the checkpoint before evaluating")
     e.add_argument("--out", required=True, help="new folder for images and metrics (must not exist)")
     e.add_argument("--erased", help="text file naming the erased concepts, one per line "

@@ -21,10 +21,10 @@ from .errors import MaceError
 
 def _check_inputs(args: argparse.Namespace) -> tuple[Path, list]:
     """(checkpoint, concepts), or one MaceError listing every bad cheap input."""
-    from .checkpoint import check_sd1_source
     from .concepts import parse_concept_list
     from .io import check_safetensors_file
     from .run_inputs import DEFAULT_ANCHORS, _collect, read_text
+    from .single_file import check_source
     from .tokens import sd1_token_ids
 
     errors: list[str] = []
@@ -37,7 +37,7 @@ def _check_inputs(args: argparse.Namespace) -> tuple[Path, list]:
             raise MaceError(f"{str(out)!r}: its folder does not exist; create it first")
 
     _collect(errors, "--out", check_out)
-    checkpoint = _collect(errors, "--checkpoint", lambda: check_sd1_source(args.checkpoint))
+    checkpoint = _collect(errors, "--checkpoint", lambda: check_source(args.checkpoint))
     concepts = _collect(errors, "--concepts", lambda: parse_concept_list(
         read_text(args.concepts, "concept list"), default_anchor=args.anchor or DEFAULT_ANCHORS[args.kind],
         kind=args.kind, token_ids=sd1_token_ids))
@@ -55,15 +55,15 @@ def _check_inputs(args: argparse.Namespace) -> tuple[Path, list]:
 
 
 def cmd_fuse(args: argparse.Namespace) -> int:
-    from .checkpoint import load_sd1_host
     from .erasure import Erasure, save_erasure
     from .external_lora import external_fusion_metadata, fuse_external_loras, read_external_lora
     from .pipeline import preservation_statistics
     from .preservation import read_prompt_file
+    from .single_file import load_host
 
     checkpoint, concepts = _check_inputs(args)
     preserve = read_prompt_file(args.preserve) if args.preserve else None
-    host = load_sd1_host(checkpoint, device=args.device)
+    host = load_host(checkpoint, device=args.device)
     original = host.cross_attention_weights()
     shapes = {k: tuple(w.shape) for k, w in original.items()}
     loras = [read_external_lora(p, shapes, allow_other_modules=args.allow_other_modules) for p in args.lora]

@@ -81,6 +81,10 @@ class ErasureSettings:
     harden_steps: int = 200
     harden_lr: float = 5e-3
     harden_weight: float = 1.0
+    #: SDXL: also edit label_emb's pooled-text columns in closed form (``mace_ops.pooled``); off by
+    #: default (held-out drift measured in benchmarks/README.md); ``pooled_preserve``: its preservation weight
+    pooled_channel: bool = False
+    pooled_preserve: float = 1.0
     # 8 concepts share a forward: bounds memory on full-size models, and an interrupt loses at most 8.
     train: TrainConfig = field(default_factory=lambda: TrainConfig(concepts_per_batch=8))
 
@@ -355,6 +359,9 @@ def run_erasure(
     emit = progress or _no_progress
     cache = Path(cache_dir) if cache_dir is not None else None
 
+    if settings.pooled_channel and getattr(host, "label_emb_weight", lambda: None)() is None:
+        raise MaceError("the pooled-channel option needs an SDXL base model (only SDXL feeds a pooled text "
+                        "embedding to label_emb); turn it off for SD1.x / SD2.x")
     stats = preservation_statistics(
         host, preservation_prompts, retained_prompts, cache_dir=cache, progress=emit,
         check_interrupt=check_interrupt,
@@ -371,7 +378,8 @@ def run_erasure(
             progress=emit, check_interrupt=check_interrupt,
         )
     if settings.closed_form_only:
-        return _erasure(host, refined, concepts, settings, losses={}, hardening=hardening)
+        return _with_pooled(_erasure(host, refined, concepts, settings, losses={}, hardening=hardening), host,
+                            concepts, preservation_prompts, retained_prompts, settings)
     if engine is None:
         bank, losses = _train_here(host, concepts, refined, settings, user_images, user_masks, cache, emit,
                                    check_interrupt)
@@ -383,7 +391,23 @@ def run_erasure(
         settings.ridge, relative_ridge=settings.fusion_ridge_epsilon(), original=original, progress=emit,
         check_interrupt=check_interrupt, tokens=settings.fusion_tokens,
     )
-    return _erasure(host, fused, concepts, settings, losses, hardening=hardening)
+    return _with_pooled(_erasure(host, fused, concepts, settings, losses, hardening=hardening), host, concepts,
+                        preservation_prompts, retained_prompts, settings)
+
+
+def _with_pooled(erasure: Erasure, host: Host, concepts: list[Concept], preservation_prompts: Sequence[str] | None,
+                 retained_prompts: Sequence[str], settings: ErasureSettings) -> Erasure:
+    """``erasure`` with SDXL's pooled-channel edit (``settings.pooled_channel``): concepts' pooled
+    embeddings mapped to their anchors', the preservation and retained prompts' kept."""
+    if not settings.pooled_channel:
+        return erasure
+    from .pooled import pooled_channel_edit
+
+    keep = list(default_corpus() if preservation_prompts is None else preservation_prompts) + list(retained_prompts)
+    new = pooled_channel_edit(host, concepts, keep, preserve_weight=settings.pooled_preserve, ridge=settings.ridge,
+                              relative_ridge=settings.relative_ridge)
+    erasure.label_emb_diff = (new.float() - host.label_emb_weight().float()).cpu()
+    return erasure
 
 
 def _erasure(host: Host, weights: Mapping[str, Tensor], concepts: list[Concept], settings: ErasureSettings,

@@ -144,9 +144,9 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, list, Any, list[str], An
 
     notes: list[str] = []
     if args.checkpoint:
-        from .checkpoint import load_sd1_host
+        from .single_file import load_host
 
-        original = load_sd1_host(Path(args.checkpoint), device=args.device)
+        original = load_host(Path(args.checkpoint), device=args.device)
     else:
         from .hosts.diffusers import DiffusersHost
 

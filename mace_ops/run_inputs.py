@@ -71,6 +71,9 @@ def check_numbers(args: argparse.Namespace) -> None:
             raise MaceError(f"{flag} {value}: give a whole number >= {least}")
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
         raise MaceError(f"--lr {args.lr}: give a positive learning rate (e.g. 1e-4)")
+    compact = getattr(args, "compact_erasure", None)
+    if compact is not None and not (math.isfinite(compact) and 0 <= compact < 1):
+        raise MaceError(f"--compact-erasure {compact}: give a relative error in [0, 1) (e.g. 0.01)")
 
 
 def check_device(device: str | None) -> None:
@@ -136,8 +139,16 @@ def read_concepts(args: argparse.Namespace, token_ids: Any) -> tuple[list, list[
     return concepts, retained, settings
 
 
+def add_prediction_arg(p: argparse.ArgumentParser) -> None:
+    """``--prediction-type`` of the commands that load a checkpoint (``single_file.load_host``)."""
+    p.add_argument("--prediction-type", choices=("auto", "epsilon", "v_prediction"), default="auto",
+                   help="what the UNet predicts; auto: epsilon for SD1.x/SDXL, for SD2.x ComfyUI's rule "
+                        "(v for the 768-v models, epsilon for 512-base)")
+
+
 def with_overrides(args: argparse.Namespace, settings: Any) -> Any:
-    """``settings`` with --seed, --steps, --lr, --images, --size, --sample-steps, --fast, --harden applied
+    """``settings`` with --seed, --steps, --lr, --images, --size, --sample-steps, --fast, --harden,
+    --pooled-channel applied
     (``check_numbers`` first)."""
     train = dataclasses.replace(settings.train, seed=args.seed)
     if args.steps is not None:
@@ -149,6 +160,8 @@ def with_overrides(args: argparse.Namespace, settings: Any) -> Any:
         overrides["closed_form_only"] = True
     if getattr(args, "harden", None):
         overrides["harden_rounds"] = args.harden
+    if getattr(args, "pooled_channel", False):
+        overrides["pooled_channel"] = True
     for field, value in (("n_images", args.images), ("image_size", args.size), ("sample_steps", args.sample_steps)):
         if value is not None:
             overrides[field] = value
@@ -175,13 +188,13 @@ def _collect(errors: list[str], flag: str, check: Callable[[], Any]) -> Any:
 def check_run_inputs(args: argparse.Namespace, token_ids: Any = None) -> RunInputs:
     """Validate every cheap input of ``run`` (see the module doc) and return them read; ``token_ids``
     defaults to the shipped SD1.x tokenizer. Raises one ``MaceError`` listing every problem found."""
-    from .checkpoint import check_sd1_source
     from .preservation import read_prompt_file
+    from .single_file import check_source
     from .tokens import sd1_token_ids
 
     errors: list[str] = []
     _collect(errors, "--out", lambda: check_new_folder(Path(args.out)))
-    checkpoint = _collect(errors, "--checkpoint", lambda: check_sd1_source(args.checkpoint))
+    checkpoint = _collect(errors, "--checkpoint", lambda: check_source(args.checkpoint))
     before = len(errors)
     _collect(errors, "options", lambda: check_numbers(args))
     numbers_ok = len(errors) == before
