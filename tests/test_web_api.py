@@ -28,7 +28,15 @@ def _web_api():
     return importlib.import_module("mace_pack.nodes.web_api")
 
 
-web_api = _web_api()
+web_api = None  # loaded when this module's first test runs, not at collection: see _load_web_api
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _load_web_api():
+    """Import the pack at test time. Imported at collection, it would be cached before the real-host tests
+    (tests/comfy) put ComfyUI on sys.path, and those would then get the pack's no-ComfyUI node classes."""
+    global web_api
+    web_api = _web_api()
 
 
 def test_presets_payload_lists_every_preset():
