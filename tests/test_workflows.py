@@ -40,8 +40,17 @@ def _builder():
 
 
 bw = _builder()
-DECLS = bw.declarations()
-PACK = bw.load_pack()
+DECLS: dict = {}  # filled when this module's first test runs, not at collection: see _load_pack_declarations
+PACK = None
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _load_pack_declarations():
+    """Import the pack at test time. Imported at collection, it would be cached before the real-host tests
+    (tests/comfy) put ComfyUI on sys.path, and those would then get the pack's no-ComfyUI node classes."""
+    global PACK
+    DECLS.update(bw.declarations())
+    PACK = bw.load_pack()
 
 
 def _load(path: Path) -> dict:
