@@ -283,30 +283,6 @@ def _check_sd1_file(path: str, keys: list[str], slice_shape: Any) -> None:
         raise MaceError(f"{where} has no VAE (first_stage_model.*); give a full SD1.x checkpoint")
 
 
-def check_sd1_source(path: str | os.PathLike[str]) -> Path:
-    """Cheap check, headers only (no tensor is read), that ``path`` can be loaded as an SD1.x model: a
-    complete single-file ``.safetensors`` with the SD1.x layout, or a diffusers folder
-    (``check_diffusers_folder``). Returns the path; raises ``MaceError`` saying what it is instead."""
-    from .hosts.diffusers import check_diffusers_folder
-
-    p = Path(path)
-    if p.is_dir():
-        check_diffusers_folder(p)
-        return p
-    if not p.exists():
-        raise MaceError(f"checkpoint {str(p)!r} does not exist; give an SD1.x .safetensors file or diffusers folder")
-    if not p.is_file():
-        raise MaceError(f"checkpoint {str(p)!r} is neither a file nor a folder; give an SD1.x .safetensors file "
-                        "or diffusers folder")
-    check_safetensors_file(p, "checkpoint")
-    try:
-        with safe_open(os.fspath(p), framework="pt") as f:
-            _check_sd1_file(os.fspath(p), list(f.keys()), lambda k: f.get_slice(k).get_shape())
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise MaceError(f"checkpoint {str(p)!r} is corrupt: {e}") from e
-    return p
-
-
 def _load_into(module: nn.Module, sd: dict[str, Tensor], what: str, path: str, optional: tuple[str, ...] = (),
                model: str = "SD1.x") -> None:
     own = module.state_dict()
