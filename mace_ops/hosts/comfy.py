@@ -509,7 +509,8 @@ class ComfyHost:
             with torch.inference_mode(False):  # weights moved here are ordinary tensors
                 mm.load_models_gpu([patcher], memory_required=need, force_full_load=True)
         except Exception as e:
-            if not mm.is_oom(e):
+            is_oom = getattr(mm, "is_oom", lambda err: isinstance(err, torch.OutOfMemoryError))
+            if not is_oom(e):
                 raise
             raise MaceError(f"not enough memory on {self._device()} to train on the whole UNet (about "
                             f"{(patcher.model_size() + need) / 2**30:.1f} GiB with this batch); train fewer "
