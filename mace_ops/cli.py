@@ -112,7 +112,7 @@ def _write_outputs(stage: Path, *, checkpoint: Path | None, host: Any, erasure: 
     from .concepts import format_concept_list
     from .erasure import save_erasure
     from .report import write_report
-    from .single_file import write_checkpoint
+    from .single_file import source_dtype, write_checkpoint
 
     original = host.cross_attention_weights()
     settings_metadata = settings.as_metadata()  # what run_erasure stored as erasure.metadata["settings"]
@@ -128,6 +128,7 @@ def _write_outputs(stage: Path, *, checkpoint: Path | None, host: Any, erasure: 
             target.unlink(missing_ok=True)
             write_checkpoint(host.family, host.unet, host.text_encoders, host.vae, target,
                              cross_attention_weights=erasure.weights, metadata=meta, store_configs=True,
+                             dtype=source_dtype(checkpoint),
                              label_emb=None if label is None else host.label_emb_weight().float() + label)
         else:
             target = stage / f"{checkpoint.stem}_mace.safetensors"
@@ -177,8 +178,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     t0 = time.time()
     if not args.quiet:
         _say(f"inputs checked ({len(concepts)} concepts); loading {checkpoint} ...")
-    engine = _engine(args, HostRecipe("checkpoint", str(Path(checkpoint).resolve()), args.prediction_type))
-    host = load_host(checkpoint, device=args.device, prediction=args.prediction_type)
+    dtype_name = str(inputs.dtype).removeprefix("torch.")
+    engine = _engine(args, HostRecipe("checkpoint", str(Path(checkpoint).resolve()), args.prediction_type,
+                                      dtype=dtype_name))
+    host = load_host(checkpoint, device=args.device, prediction=args.prediction_type, dtype=inputs.dtype)
     if stage.exists() and not args.quiet:
         _say(f"resuming: reusing finished work in {stage}")
     stage.mkdir(parents=True, exist_ok=True)
@@ -337,6 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--cache", help="cache folder (default: OUT.partial/cache, removed on success)")
     r.add_argument("--keep-cache", action="store_true", help="keep the default cache after success")
     r.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
+    r.add_argument("--dtype", default="auto", metavar="{auto,float32,float16,bfloat16}",
+                   help="precision of the UNet and text encoder weights (default auto: float16 on CUDA, float32 "
+                        "on CPU); LoRAs, optimiser and closed forms stay float32/float64, the VAE float32, and the "
+                        "sanitized checkpoint keeps the source's dtype")
     r.add_argument("--quiet", action="store_true")
     add_prediction_arg(r)
     _add_engine_args(r)

@@ -63,6 +63,7 @@ class HostRecipe:
     kind: str
     source: str | int = 0
     prediction: str = "auto"  # checkpoint: the prediction type ("auto", "epsilon", "v_prediction")
+    dtype: str = "float32"  # checkpoint: the UNet's and text encoders' dtype (``mace-erase run --dtype``)
 
     def __post_init__(self) -> None:
         if self.kind not in ("checkpoint", "world", "tiny"):
@@ -72,9 +73,12 @@ class HostRecipe:
         from .hosts.diffusers import DiffusersHost
 
         if self.kind == "checkpoint":
+            import torch
+
             from .single_file import load_host
 
-            return load_host(str(self.source), device=device, prediction=self.prediction)
+            return load_host(str(self.source), device=device, prediction=self.prediction,
+                             dtype=getattr(torch, self.dtype))
         if self.kind == "world":
             return DiffusersHost.from_world()
         return DiffusersHost.from_tiny(int(self.source))

@@ -3,7 +3,7 @@
 ``check_run_inputs`` reads and validates, in this order and without writing anything: ``--out`` (must
 not exist, its folder writable), ``--checkpoint`` (headers only: a complete SD1.x ``.safetensors`` or a
 diffusers folder), the numbers (``--size``, ``--images``, ``--steps`` ...), ``--device``, ``--cache``,
-the concept list (parsed and tokenized with the shipped SD1.x tokenizer: every bad line by number, too
+``--dtype``, the concept list (parsed and tokenized with the shipped SD1.x tokenizer: every bad line by number, too
 long concepts refused by the 77-token limit) or ``--preset``, the weights, and the prompt files. All
 problems are reported together, each naming its input and the fix.
 """
@@ -35,6 +35,7 @@ class RunInputs:
     retained: list[str]
     preserve: list[str] | None
     settings: Any  # pipeline.ErasureSettings
+    dtype: Any = None  # torch.dtype of the UNet and text encoders (``check_dtype``)
 
 
 def read_text(path: str, what: str) -> str:
@@ -88,6 +89,44 @@ def check_device(device: str | None) -> None:
         raise MaceError(f"--device {device!r} is not a torch device ({e}); use cpu, cuda or cuda:N") from e
     if kind == "cuda" and not torch.cuda.is_available():
         raise MaceError(f"--device {device!r}: no CUDA GPU is available here; use --device cpu")
+
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def cpu_runs(dtype: Any) -> bool:
+    """Whether this torch runs the UNet's and text encoder's operations in ``dtype`` on the CPU."""
+    import torch
+
+    try:
+        x = torch.ones(1, 4, 8, 8, dtype=dtype)
+        torch.nn.functional.conv2d(x, torch.ones(4, 4, 3, 3, dtype=dtype), padding=1)
+        torch.nn.functional.group_norm(x, 2)
+        torch.nn.functional.layer_norm(x, (8,))
+        torch.softmax(x @ x.transpose(-1, -2), dim=-1)
+        return True
+    except RuntimeError:
+        return False
+
+
+def check_dtype(name: str | None, device: str | None) -> Any:
+    """``--dtype`` as a torch dtype: auto = float16 on CUDA, float32 elsewhere; refused where the device
+    cannot compute in it (a CPU torch without fp16/bf16 kernels, a GPU without bf16)."""
+    import torch
+
+    name = name or "auto"
+    if name not in DTYPES:
+        raise MaceError(f"--dtype {name!r}: use one of {', '.join(DTYPES)} (auto: float16 on CUDA, float32 on CPU)")
+    kind = torch.device(device or "cpu").type
+    if name == "auto":
+        return torch.float16 if kind == "cuda" else torch.float32
+    dtype = getattr(torch, name)
+    if kind == "cpu" and dtype != torch.float32 and not cpu_runs(dtype):
+        raise MaceError(f"--dtype {name}: this torch ({torch.__version__}) cannot run a UNet in {name} on the CPU; "
+                        "use --dtype float32 (or a GPU: --device cuda)")
+    if kind == "cuda" and dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise MaceError("--dtype bfloat16: this GPU has no bfloat16 support; use --dtype float16")
+    return dtype
 
 
 def check_cache(cache: str | None) -> None:
@@ -198,7 +237,9 @@ def check_run_inputs(args: argparse.Namespace, token_ids: Any = None) -> RunInpu
     before = len(errors)
     _collect(errors, "options", lambda: check_numbers(args))
     numbers_ok = len(errors) == before
-    _collect(errors, "--device", lambda: check_device(args.device))
+    device_ok = _collect(errors, "--device", lambda: check_device(args.device) or True)
+    dtype = _collect(errors, "--dtype", lambda: check_dtype(getattr(args, "dtype", None),
+                                                            args.device if device_ok else None))
     _collect(errors, "--cache", lambda: check_cache(args.cache))
     preserve = _collect(errors, "--preserve", lambda: read_prompt_file(args.preserve) if args.preserve else None)
     chosen = _collect(errors, "--preset" if args.preset else "--concepts",
@@ -210,4 +251,4 @@ def check_run_inputs(args: argparse.Namespace, token_ids: Any = None) -> RunInpu
         raise MaceError("\n".join(errors))
     concepts, retained, _ = chosen
     return RunInputs(out=Path(args.out), checkpoint=checkpoint, concepts=concepts, retained=retained,
-                     preserve=preserve, settings=settings)
+                     preserve=preserve, settings=settings, dtype=dtype)

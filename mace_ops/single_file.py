@@ -232,9 +232,42 @@ def prediction_type(family: ModelFamily, choice: str, unet_state: Mapping[str, T
     return "v_prediction" if probe is not None and float(probe.float().std(unbiased=False)) > 0.09 else "epsilon"
 
 
-def load_host(path: str | os.PathLike[str], *, device: str | None = None, prediction: str = "auto") -> Any:
+def load_host(path: str | os.PathLike[str], *, device: str | None = None, prediction: str = "auto",
+              dtype: torch.dtype | None = None) -> Any:
     """A ``DiffusersHost`` for an SD1.x, SD2.x or SDXL single-file ``.safetensors`` checkpoint or a diffusers
-    folder, offline; ``prediction``: "auto" (see the module docstring), "epsilon" or "v_prediction"."""
+    folder, offline; ``prediction``: "auto" (see the module docstring), "epsilon" or "v_prediction";
+    ``dtype``: the UNet's and text encoders' weights (``set_precision``; None: float32)."""
+    host = _load_float32_host(path, device=device, prediction=prediction)
+    return set_precision(host, dtype) if dtype is not None else host
+
+
+def set_precision(host: Any, dtype: torch.dtype) -> Any:
+    """``host`` (a freshly loaded ``DiffusersHost``, its modules its own) with its UNet and text encoders
+    cast in place to ``dtype``; the VAE stays float32 (SDXL's VAE overflows in float16; 84M parameters).
+    LoRA factors, optimiser state, statistics and closed forms keep their own precision (float32/float64)."""
+    host.unet.to(dtype)
+    for enc in host.text_encoders:
+        enc.to(dtype)
+    host.dtype = dtype
+    return host
+
+
+def source_dtype(path: str | os.PathLike[str]) -> torch.dtype:
+    """The dtype of the UNet's floating tensors in a checkpoint file or diffusers folder (headers only):
+    what a sanitized checkpoint is written in."""
+    p = Path(path)
+    files = sorted((p / "unet").glob("*.safetensors")) if p.is_dir() else [p]
+    names = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+    for file in files:
+        with safe_open(os.fspath(file), framework="pt") as f:
+            for key in f.keys():
+                kind = f.get_slice(key).get_dtype()
+                if kind in names and (p.is_dir() or key.startswith(CHECKPOINT_UNET_PREFIX)):
+                    return names[kind]
+    return torch.float32
+
+
+def _load_float32_host(path: str | os.PathLike[str], *, device: str | None, prediction: str) -> Any:
     from .hosts.diffusers import DiffusersHost
     from .tokens import load_sd1_tokenizer
 
@@ -370,6 +403,8 @@ __all__ = [
     "family_state_dict",
     "load_host",
     "load_modules",
+    "set_precision",
+    "source_dtype",
     "openclip_state_dict",
     "prediction_type",
     "replace_label_emb",

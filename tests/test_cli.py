@@ -379,3 +379,80 @@ def test_run_inputs_are_read_once_with_the_shipped_tokenizer(tmp_path, tiny_file
     assert inputs.settings.train.steps == 3 and inputs.settings.image_size == 64
     assert any("Taylor Swift" in p for p in seen) and any("a person" in p for p in seen)  # length-checked
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- --dtype
+
+
+def test_dtype_option_is_checked_with_the_other_inputs(tmp_path, monkeypatch):
+    assert run_inputs.check_dtype("auto", "cpu") == torch.float32
+    assert run_inputs.check_dtype(None, None) == torch.float32
+    assert run_inputs.check_dtype("auto", "cuda") == torch.float16  # the default on a GPU (not checked here)
+    assert run_inputs.check_dtype("bfloat16", "cpu") == torch.bfloat16
+    with pytest.raises(run_inputs.MaceError, match="--dtype 'half': use one of auto, float32, float16, bfloat16"):
+        run_inputs.check_dtype("half", "cpu")
+    monkeypatch.setattr(run_inputs, "cpu_runs", lambda dtype: False)  # a torch without CPU fp16 kernels
+    with pytest.raises(run_inputs.MaceError, match="cannot run a UNet in float16 on the CPU; use --dtype float32"):
+        run_inputs.check_dtype("float16", "cpu")
+
+
+def test_bad_dtype_exits_2_before_the_model_loads(tmp_path, inputs, tiny_file, no_model_load, capsys):
+    concepts, _ = inputs
+    argv = ["run", "--checkpoint", str(tiny_file), "--concepts", str(concepts), "--out", str(tmp_path / "o"),
+            "--dtype", "fp8", "--quiet"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--dtype 'fp8': use one of" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_source_dtype_reads_the_unet_of_a_file_or_folder(tmp_path):
+    from mace_ops.single_file import source_dtype
+
+    save_file({"cond_stage_model.w": torch.zeros(2, dtype=torch.float32),
+               "model.diffusion_model.w": torch.zeros(2, dtype=torch.float16)}, str(tmp_path / "a.safetensors"))
+    assert source_dtype(tmp_path / "a.safetensors") == torch.float16
+    (tmp_path / "folder" / "unet").mkdir(parents=True)
+    save_file({"conv_in.weight": torch.zeros(2, dtype=torch.bfloat16)},
+              str(tmp_path / "folder" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert source_dtype(tmp_path / "folder") == torch.bfloat16
+
+
+def test_run_in_bfloat16_keeps_fp32_loras_and_the_files_dtype(tmp_path, inputs, tiny_file, monkeypatch):
+    """--dtype bfloat16 on an fp16 file: UNet and text encoder in bf16, VAE float32, LoRA factors and AdamW
+    moments float32; the sanitized checkpoint is fp16 like its source and differs only in to_k/to_v."""
+    from safetensors.torch import load_file
+
+    concepts, preserve = inputs
+    with safe_open(str(tiny_file), framework="pt") as f:
+        meta = f.metadata()
+    half = tmp_path / "half.safetensors"
+    source = {k: v.half() if v.is_floating_point() else v for k, v in load_file(str(tiny_file)).items()}
+    save_file(source, str(half), metadata=meta)
+    seen: dict[str, set] = {}
+    real_run, real_step = cli._run_pipeline, torch.optim.AdamW.step
+
+    def run_spy(host, *a, **k):
+        for part, module in (("unet", host.unet), ("text", host.text_encoder), ("vae", host.vae)):
+            seen[part] = {p.dtype for p in module.parameters()}
+        return real_run(host, *a, **k)
+
+    def step_spy(self, *a, **k):
+        out = real_step(self, *a, **k)
+        seen.setdefault("lora", set()).update(p.dtype for g in self.param_groups for p in g["params"])
+        seen.setdefault("moments", set()).update(v.dtype for s in self.state.values() for key, v in s.items()
+                                                 if key in ("exp_avg", "exp_avg_sq"))
+        return out
+
+    monkeypatch.setattr(cli, "_run_pipeline", run_spy)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_spy)
+    out = tmp_path / "erased"
+    assert cli.main(["run", "--checkpoint", str(half), "--concepts", str(concepts), "--preserve", str(preserve),
+                     "--out", str(out), "--dtype", "bfloat16", *FAST]) == 0
+    assert seen["unet"] == {torch.bfloat16} and seen["text"] == {torch.bfloat16} and seen["vae"] == {torch.float32}
+    assert seen["lora"] == {torch.float32} and seen["moments"] == {torch.float32}
+    result = load_file(str(out / "half_mace.safetensors"))
+    assert result.keys() == source.keys() and all(result[k].dtype == source[k].dtype for k in source)
+    changed = {k for k in source if not torch.equal(result[k], source[k])}
+    names = matrix_names(sd1_block_names())
+    assert changed and changed <= {f"model.diffusion_model.{n}.weight" for n in names}

@@ -28,13 +28,24 @@ patch, so a MODEL keeps its fingerprint through MACE edits and LoRAs.
 
 Instrumented UNet (gradients inside a node). ComfyUI runs nodes under ``torch.inference_mode()``: the
 loaded weights are inference tensors and cannot be saved for backward. ``instrument`` therefore runs a
-PRIVATE float32 copy of the UNet (built once per host, outside inference mode, from the effective
-weights; its parameters are frozen, ordinary tensors) on the load device, and calls it directly:
+PRIVATE copy of the UNet (built once per host and patch state, outside inference mode, from the effective
+weights, in the MODEL's compute dtype; its parameters are frozen, ordinary tensors), and calls it directly:
 ``eps = UNet(x_t, t, context[, y])`` with ComfyUI's own ``attn2`` replace patch for ``attention`` (the block
 gets the projected q/k/v) and private ``to_k``/``to_v`` modules for ``linears``. Nothing of the shared
 model is touched; the private modules are put back on exit, also on error. Only the MODEL's weight
 patches reach this forward (its transformer patches, wrappers and object patches on UNet modules do
 not): it is the plain noise predictor the MACE loss is defined on.
+
+Model management. Devices are ComfyUI's: the MODEL's ``load_device`` / ``offload_device`` (``--cpu``: the
+CPU), the CLIP's and VAE's own (ComfyUI loads them itself in ``encode_from_tokens`` / ``encode`` /
+``decode``; sampling loads the MODEL in ``comfy.sample.sample``). The private copy is a ComfyUI
+``ModelPatcher`` built on the offload device; the first forward of a training step loads it whole with
+``comfy.model_management.load_models_gpu(memory_required=training_memory(...), force_full_load=True)``, so
+ComfyUI frees what it needs and can evict the copy later like any model. On a GPU the MODEL (and its
+clones), the CLIP and the VAE are unloaded first (``unload_model_and_clones``): a training step reads
+none of them, and no second full UNet stays on the GPU. ``--lowvram`` cannot split a UNet that is
+trained through (the backward keeps every layer's weights, as ComfyUI's own trainer loads it whole
+unless it offloads with its own checkpointing); an out-of-memory load is a ``MaceError`` that says so.
 
 Sampling (``generate``) is ComfyUI's own KSampler (``comfy.sample.sample``, sampler ``euler``,
 scheduler ``normal`` by default) on a clone, classifier-free guidance with the empty prompt (SDXL: each
@@ -130,14 +141,76 @@ def effective_weight(patcher: Any, key: str, *, patched: bool = True) -> Tensor:
 
 
 class _FnLinear(nn.Module):
-    """A module calling ``fn(context)``: stands in for a private copy's to_k / to_v."""
+    """A module calling ``fn(context)``: stands in for a private copy's to_k / to_v. ``cast``: the result in
+    the context's dtype (ComfyUI's own attention needs q, k, v of one dtype; our attention patch does not)."""
 
-    def __init__(self, fn: LinearFn) -> None:
+    def __init__(self, fn: LinearFn, cast: bool = False) -> None:
         super().__init__()
         self.fn = fn
+        self.cast = cast
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fn(x)
+        out = self.fn(x)
+        return out.to(x.dtype) if self.cast else out
+
+
+class _PrivateUNet(nn.Module):
+    """What ComfyUI's ``ModelPatcher`` manages for the private UNet: ``diffusion_model`` and its dtype."""
+
+    def __init__(self, unet: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.diffusion_model = unet
+        self.dtype = dtype
+
+    def get_dtype(self) -> torch.dtype:
+        return self.dtype
+
+
+#: what a training step keeps for backward per latent pixel of one sample, in units of the compute dtype's
+#: size: 2.16 GiB per 512 px sample in fp16, counted for the SD1.5 UNet by ``benchmarks/bench_train_memory.py``
+#: (flash attention; SDXL's deeper transformers keep more, so this is a lower bound there)``
+ACTIVATION_ELEMENTS_PER_LATENT_PIXEL = 2.84e5
+
+
+def compute_dtype(patcher: Any) -> torch.dtype:
+    """The dtype ComfyUI computes the MODEL's UNet in (its manual-cast dtype, else its weights'); float32
+    for anything other than float32/float16/bfloat16 (fp8 weights are computed in their manual-cast dtype)."""
+    base = patcher.model
+    get = getattr(base, "get_dtype_inference", None) or getattr(base, "get_dtype", None)
+    dtype = get() if get is not None else None
+    return dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+
+
+def training_memory(patcher: Any, x_shape: Sequence[int]) -> int:
+    """Bytes to ask ComfyUI for, besides the weights, for one training step on latents ``x_shape``
+    (B, 4, h, w): the larger of ComfyUI's own inference estimate (``BaseModel.memory_required``) and
+    ``ACTIVATION_ELEMENTS_PER_LATENT_PIXEL · B·h·w · dtype size`` (saved activations of the backward)."""
+    b, h, w = int(x_shape[0]), int(x_shape[-2]), int(x_shape[-1])
+    size = torch.empty((), dtype=compute_dtype(patcher)).element_size()
+    saved = ACTIVATION_ELEMENTS_PER_LATENT_PIXEL * b * h * w * size
+    estimate = getattr(patcher.model, "memory_required", None)
+    inference = float(estimate(list(x_shape))) if estimate is not None else 0.0
+    return int(max(saved, inference))
+
+
+def on_cpu(device: torch.device) -> bool:
+    """ComfyUI's ``is_device_cpu`` (``--cpu``: nothing to unload, RAM is the only memory)."""
+    import comfy.model_management
+
+    return bool(comfy.model_management.is_device_cpu(device))
+
+
+def ordinary_tensors(module: nn.Module) -> None:
+    """Replace any inference tensor among ``module``'s parameters and buffers by an ordinary copy (a
+    model moved by ComfyUI inside a node's ``inference_mode`` gets inference tensors: no backward)."""
+    with torch.inference_mode(False):
+        for m in module.modules():
+            for name, p in list(m._parameters.items()):
+                if p is not None and p.is_inference():
+                    m._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=False)
+            for name, b in list(m._buffers.items()):
+                if b is not None and b.is_inference():
+                    m._buffers[name] = b.detach().clone()
 
 
 def encoder_key(name: str) -> str:
@@ -378,25 +451,28 @@ class ComfyHost:
     def _device(self) -> torch.device:
         return torch.device(self.model.load_device)
 
-    def _private_unet(self) -> nn.Module:
-        """A float32 copy of the UNet with the effective weights as frozen ORDINARY tensors (built once)."""
+    def _private_patcher(self) -> Any:
+        """The private UNet copy as a ComfyUI ``ModelPatcher`` (built once per patch state, see the module
+        docstring): the effective weights as frozen ORDINARY tensors in the MODEL's compute dtype, on its
+        offload device; ``_load_private`` puts it on the load device through ComfyUI's model management."""
         uuid = getattr(self.model, "patches_uuid", None)
         cached = self._cache.get("unet")
         if cached is not None and cached[0] == uuid:
             return cached[1]
-        import comfy.model_management
+        import comfy.model_patcher
 
+        self._cache.pop("unet", None)  # the old copy goes before a new one is built
+        self._cache.pop("asked", None)
         dm = self.model.model.diffusion_model
-        device = self._device()
-        size = sum(p.numel() for p in dm.parameters()) * 4
-        comfy.model_management.free_memory(size * 2, device)
+        dtype = compute_dtype(self.model)
+        offload = torch.device(getattr(self.model, "offload_device", "cpu"))
         memo: dict[int, Any] = {}
         with torch.inference_mode(False):
             for name, p in dm.named_parameters():
                 w = effective_weight(self.model, f"{COMFY_UNET_PREFIX}{name}")
-                memo[id(p)] = nn.Parameter(w.to(device), requires_grad=False)
+                memo[id(p)] = nn.Parameter(w.to(offload, dtype), requires_grad=False)
             for _name, b in dm.named_buffers():
-                memo[id(b)] = b.detach().to(device, copy=True)
+                memo[id(b)] = b.detach().to(offload, copy=True)
             unet = copy.deepcopy(dm, memo)
         for m in unet.modules():  # ComfyUI's cast/low-VRAM hooks would re-apply patches: plain torch ops
             if hasattr(m, "comfy_cast_weights"):
@@ -406,8 +482,56 @@ class ComfyHost:
             if hasattr(m, "bias_function"):
                 m.bias_function = []
         unet.eval()
-        self._cache["unet"] = (uuid, unet)
+        patcher = comfy.model_patcher.ModelPatcher(_PrivateUNet(unet, dtype), load_device=self._device(),
+                                                   offload_device=offload)
+        self._cache["unet"] = (uuid, patcher)
+        return patcher
+
+    def _private_unet(self) -> nn.Module:
+        """The private UNet module (``_private_patcher``'s), wherever it is now."""
+        return self._private_patcher().model.diffusion_model
+
+    def _load_private(self, x_shape: Sequence[int]) -> nn.Module:
+        """The private UNet, loaded whole on the load device by ``comfy.model_management.load_models_gpu``
+        with the memory one training step on latents ``x_shape`` needs (``training_memory``); on a GPU the
+        MODEL, CLIP and VAE (not used by a training step) are unloaded first. Nothing is done while it is
+        loaded and the last request covered ``x_shape``. Returns the module."""
+        import comfy.model_management as mm
+
+        patcher = self._private_patcher()
+        need = training_memory(self.model, x_shape)
+        loaded = any(lm.model is patcher for lm in mm.current_loaded_models)
+        if loaded and patcher.loaded_size() >= patcher.model_size() and need <= self._cache.get("asked", 0):
+            return patcher.model.diffusion_model
+        if not on_cpu(self._device()):
+            self._unload_unused()
+        try:
+            with torch.inference_mode(False):  # weights moved here are ordinary tensors
+                mm.load_models_gpu([patcher], memory_required=need, force_full_load=True)
+        except Exception as e:
+            is_oom = getattr(mm, "is_oom", lambda err: isinstance(err, torch.OutOfMemoryError))
+            if not is_oom(e):
+                raise
+            raise MaceError(f"not enough memory on {self._device()} to train on the whole UNet (about "
+                            f"{(patcher.model_size() + need) / 2**30:.1f} GiB with this batch); train fewer "
+                            "concepts at once or at a smaller image size, close other work on the GPU, or run "
+                            "ComfyUI with --cpu") from e
+        self._cache["asked"] = need
+        unet = patcher.model.diffusion_model
+        ordinary_tensors(unet)
         return unet
+
+    def _unload_unused(self) -> None:
+        """Unload the MODEL (and its clones), the CLIP and the VAE from the GPU through ComfyUI
+        (``unload_model_and_clones``): a training step reads only the private UNet."""
+        import comfy.model_management as mm
+
+        unload = getattr(mm, "unload_model_and_clones", None)
+        if unload is None:  # an older ComfyUI: load_models_gpu's free_memory still makes the room it needs
+            return
+        for part in (self.model, getattr(self.clip, "patcher", None), getattr(self.vae, "patcher", None)):
+            if part is not None:
+                unload(part, unload_additional_models=False)
 
     @contextmanager
     def instrument(
@@ -421,7 +545,8 @@ class ComfyHost:
         self._need_model()
         linears = dict(linears or {})
         check_matrix_names("linears", linears, set(matrix_names(list(self._modules))))
-        unet = self._private_unet()
+        unet = self._private_unet()  # loaded on the device by the first call (which knows the batch shape)
+        dtype = compute_dtype(self.model)
         attn2 = {b: unet.get_submodule(b) for b in self._modules}
         saved: list[tuple[nn.Module, str, nn.Module]] = []
         replace: dict[tuple[str, int, int], Callable[..., Tensor]] = {}
@@ -431,15 +556,16 @@ class ComfyHost:
         device = self._device()
 
         def unet_fn(x_t: Tensor, t: Tensor, context: Tensor, pooled: Tensor | None = None) -> Tensor:
+            self._load_private(x_t.shape)
             with torch.inference_mode(False):
-                x = x_t.to(device, torch.float32)
-                c = context.to(device, torch.float32)
+                x = x_t.to(device, dtype)
+                c = context.to(device, dtype)
                 ts = torch.as_tensor(t, device=device).float()
                 if ts.ndim == 0:
                     ts = ts.expand(x.shape[0])
                 options: dict[str, Any] = {"patches_replace": {"attn2": replace}} if replace else {}
                 y = self._adm(pooled, x.shape[-2] * 8, x.shape[-1] * 8)
-                y = None if y is None else y.to(device, torch.float32).expand(x.shape[0], -1)
+                y = None if y is None else y.to(device, dtype).expand(x.shape[0], -1)
                 return unet(x, timesteps=ts, context=c, y=y, transformer_options=options)
 
         try:
@@ -447,7 +573,7 @@ class ComfyHost:
                 block, which = name.rsplit(".", 1)
                 module = attn2[block]
                 saved.append((module, which, getattr(module, which)))
-                setattr(module, which, _FnLinear(fn))
+                setattr(module, which, _FnLinear(fn, cast=attention is None))
             yield unet_fn
         finally:
             for module, which, original in reversed(saved):
