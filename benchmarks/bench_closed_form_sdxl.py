@@ -75,6 +75,11 @@ def concept_data(i: int, prompts: int, shapes: dict[str, int]):
     return e_f, e_g, concept.reshape(-1, D), factors
 
 
+def _note(what: str) -> None:
+    """Progress on stderr as each phase ends (a long run stopped early still leaves its figures)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {what}; peak RSS {_peak_mb():.0f} MB", file=sys.stderr, flush=True)
+
+
 def run(n: int, prompts: int, matrices: int | None = None) -> dict:
     from mace_ops.statistics import SecondMoment
 
@@ -99,12 +104,16 @@ def run(n: int, prompts: int, matrices: int | None = None) -> dict:
         t1 = time.perf_counter()
         problem.add_concept(g_i, factors)
         t_stats, t_add = t_stats + t1 - t0, t_add + time.perf_counter() - t1
+        if (i + 1) % 10 == 0 or i + 1 == n:
+            _note(f"{i + 1}/{n} concepts: stats {t_stats:.1f} s, fusion add {t_add:.1f} s")
     t0 = time.perf_counter()
     refine_cross_attention(w0, cross, gram, [pres], 0.0)
     t_cfr = time.perf_counter() - t0
+    _note(f"CFR solve {t_cfr:.2f} s")
     t0 = time.perf_counter()
     problem.solve()
     t_solve = time.perf_counter() - t0
+    _note(f"fusion solve {t_solve:.2f} s")
     return {"matrices": len(shapes), "rows": sum(shapes.values()), "stats": t_stats, "cfr": t_cfr, "add": t_add, "solve": t_solve,
             "setup_mb": setup_mb, "peak_mb": _peak_mb()}
 
