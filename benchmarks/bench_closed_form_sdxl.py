@@ -17,7 +17,7 @@ Lower bound: the output alone is Σ d_out × 2048 = 166,400 × 2048 = 341M numbe
 each ``W0 · M`` densely costs 166,400 × 2048² × 2 ≈ 1.4 TFLOP per product (float64), which is tens of
 seconds on 2 CPU cores whatever the algorithm. Since issue 13 CFR forms one such product (``W0 · M``,
 M shared) and fusion one (``(W0 − W1) · (P K⁻¹)``, ``P K⁻¹`` shared; none without preservation), the
-concept terms staying low rank: ≈ 3.1 TFLOP for the solves at 100 rank-1 concepts, from ≈ 4.3 before.
+concept terms staying low rank: ≈ 3.1 TFLOP for the solves at 100 rank-1 concepts, from ≈ 4.4 before.
 
     .venv/bin/python benchmarks/bench_closed_form_sdxl.py --concepts 100
 """
