@@ -316,8 +316,8 @@ class FusionProblem:
     The concept terms stay low rank: per matrix, ``add_concept`` keeps ``up_i`` (d_out, r) and
     ``down_i G_i`` (r, d) in float64, and the solve applies ``K⁻¹`` to those Σr rows only. Once a
     matrix's factors would take more memory than a dense (d_out, d) ``U = Σ_i up_i down_i G_i``, they
-    are folded into that ``U`` (then solved densely), so memory stays bounded by the number of
-    concepts. The only dense (d_out, d)·(d, d) product per matrix is ``(W0 − W1) Q`` (none without
+    are folded into that ``U`` (then solved densely), so memory does not grow with the number of
+    concepts (at most about twice a dense ``U`` per matrix). The only dense (d_out, d)·(d, d) product per matrix is ``(W0 − W1) Q`` (none without
     preservation); peak memory is the weights, the factors and one matrix's float64 buffers.
 
     The LoRA scale must be folded into ``up`` (``ΔW = up @ down`` exactly). All work is done on
