@@ -7,14 +7,17 @@ no weights): its 70 cross-attention blocks (``mace_ops.tiny.ldm_cross_attention_
 (75 aligned pairs per prompt for CFR, all 77 tokens for the concept's Gram), one rank-1 LoRA per concept
 and matrix, one preservation group (100 prompts, weight 1), float32 weights.
 
-Timed: stats (streaming float64 ``SecondMoment`` of C, G and each G_i), CFR of the 140 matrices
+Timed (wall clock; the solves' process CPU time too, all threads, which a loaded machine inflates
+less): stats (streaming float64 ``SecondMoment`` of C, G and each G_i), CFR of the 140 matrices
 (``refine_cross_attention``), fusion ``add_concept`` per concept and one ``FusionProblem.solve()``.
 Peak memory: the process's maximum RSS (includes torch and the W0, W1 float32 weights: 2 × 1.36 GB for
 all 140 matrices; see "RSS after setup").
 
 Lower bound: the output alone is Σ d_out × 2048 = 166,400 × 2048 = 341M numbers; any solve that forms
 each ``W0 · M`` densely costs 166,400 × 2048² × 2 ≈ 1.4 TFLOP per product (float64), which is tens of
-seconds on 2 CPU cores whatever the algorithm.
+seconds on 2 CPU cores whatever the algorithm. Since issue 13 CFR forms one such product (``W0 · M``,
+M shared) and fusion one (``(W0 − W1) · (P K⁻¹)``, ``P K⁻¹`` shared; none without preservation), the
+concept terms staying low rank: ≈ 3.1 TFLOP for the solves at 100 rank-1 concepts, from ≈ 4.4 before.
 
     .venv/bin/python benchmarks/bench_closed_form_sdxl.py --concepts 100
 """
@@ -75,6 +78,11 @@ def concept_data(i: int, prompts: int, shapes: dict[str, int]):
     return e_f, e_g, concept.reshape(-1, D), factors
 
 
+def _note(what: str) -> None:
+    """Progress on stderr as each phase ends (a long run stopped early still leaves its figures)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {what}; peak RSS {_peak_mb():.0f} MB", file=sys.stderr, flush=True)
+
+
 def run(n: int, prompts: int, matrices: int | None = None) -> dict:
     from mace_ops.statistics import SecondMoment
 
@@ -89,24 +97,30 @@ def run(n: int, prompts: int, matrices: int | None = None) -> dict:
     setup_mb = _peak_mb()
     cross, gram = SecondMoment(D), SecondMoment(D)
     problem = FusionProblem(w1, w0, [pres], 0.0)
-    t_stats = t_add = 0.0
+    t_stats = t_add = cpu_add = 0.0
     for i in range(n):
         e_f, e_g, e_all, factors = concept_data(i, prompts, shapes)
         t0 = time.perf_counter()
         cross.add(e_g, e_f)
         gram.add(e_f)
         g_i = SecondMoment(D).add(e_all)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         problem.add_concept(g_i, factors)
+        cpu_add += time.process_time() - c1
         t_stats, t_add = t_stats + t1 - t0, t_add + time.perf_counter() - t1
-    t0 = time.perf_counter()
+        if (i + 1) % 10 == 0 or i + 1 == n:
+            _note(f"{i + 1}/{n} concepts: stats {t_stats:.1f} s, fusion add {t_add:.1f} s")
+    t0, c0 = time.perf_counter(), time.process_time()
     refine_cross_attention(w0, cross, gram, [pres], 0.0)
     t_cfr = time.perf_counter() - t0
+    _note(f"CFR solve {t_cfr:.2f} s")
     t0 = time.perf_counter()
     problem.solve()
     t_solve = time.perf_counter() - t0
+    cpu = time.process_time() - c0 + cpu_add
+    _note(f"fusion solve {t_solve:.2f} s; CPU time of the solves {cpu:.1f} s")
     return {"matrices": len(shapes), "rows": sum(shapes.values()), "stats": t_stats, "cfr": t_cfr, "add": t_add, "solve": t_solve,
-            "setup_mb": setup_mb, "peak_mb": _peak_mb()}
+            "cpu": cpu, "setup_mb": setup_mb, "peak_mb": _peak_mb()}
 
 
 def main() -> None:
@@ -123,10 +137,10 @@ def main() -> None:
     print(f"# SDXL shapes: {r['matrices']} matrices ({r['rows']} rows of 166400), d={D}; {args.concepts} concepts × {args.prompts} prompts × "
           f"{TOKENS} tokens; torch {torch.__version__}, {args.threads} threads; load average at start {load}")
     print("| concepts | stats (s) | CFR solve (s) | fusion add (s) | fusion solve (s) | **solves (s)** | "
-          "RSS after setup (MB) | peak RSS (MB) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "solves CPU (s) | RSS after setup (MB) | peak RSS (MB) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     print(f"| {args.concepts} | {r['stats']:.1f} | {r['cfr']:.2f} | {r['add']:.2f} | {r['solve']:.2f} | "
-          f"**{solves:.2f}** | {r['setup_mb']:.0f} | {r['peak_mb']:.0f} |")
+          f"**{solves:.2f}** | {r['cpu']:.1f} | {r['setup_mb']:.0f} | {r['peak_mb']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -112,13 +112,11 @@ def _preservation_gram(preserve: Sequence[Preservation], dim: int, device: torch
     return out
 
 
-def _solve_right(rhs: Tensor, system: Tensor, what: str) -> Tensor:
-    """``X = rhs · K⁻¹`` for a symmetric positive definite ``K`` (d, d); ``rhs`` (m, d) float64.
+def _factor_system(system: Tensor, what: str) -> tuple[Tensor, Tensor]:
+    """Jacobi-scaled Cholesky of a symmetric positive definite ``K`` (d, d) float64.
 
-    The result is written into ``rhs`` and returned. Jacobi scaling ``K = D Ks D`` (``D = diag(K)^½``),
-    one Cholesky of ``Ks``, then ``cholesky_solve`` of the right-hand sides in blocks of rows (the
-    row-major rows are the column-major ``rhsᵀ`` LAPACK wants; blocks bound the scratch memory).
-    ``what`` describes the system in the error message.
+    ``K = D Ks D`` with ``D = diag(K)^½`` and ``Ks = L Lᵀ``; returns ``(L (d, d), diag(D)⁻¹ (d,))``.
+    ``what`` describes the system in the error message (singular, not positive definite, not finite).
     """
     d = system.shape[0]
     system = 0.5 * (system + system.T)  # (d, d)
@@ -134,11 +132,27 @@ def _solve_right(rhs: Tensor, system: Tensor, what: str) -> Tensor:
     tol = _PIVOT_ULPS * d * torch.finfo(_F64).eps
     if int(info) > 0 or float(pivots.min()) ** 2 < tol:
         raise MaceError(f"{what} is singular or not positive definite")
+    return factor, scale
+
+
+def _apply_inverse(rhs: Tensor, chol: tuple[Tensor, Tensor]) -> Tensor:
+    """``rhs · K⁻¹`` in place for ``chol = _factor_system(K)``; ``rhs`` (m, d) float64, returned.
+
+    ``rhs K⁻¹ = rhs D⁻¹ Ks⁻¹ D⁻¹``; ``cholesky_solve`` of the right-hand sides in blocks of rows (the
+    row-major rows are the column-major ``rhsᵀ`` LAPACK wants; blocks bound the scratch memory).
+    """
+    factor, scale = chol
     rhs.mul_(scale)  # (m, d): rhs D⁻¹
     for start in range(0, rhs.shape[0], _SOLVE_ROWS):
         block = rhs[start : start + _SOLVE_ROWS]  # (b, d)
         block.copy_(torch.cholesky_solve(block.T, factor).T)  # (b, d) = block Ks⁻¹
-    return rhs.mul_(scale)  # (m, d) = rhs D⁻¹ Ks⁻¹ D⁻¹ = rhs K⁻¹
+    return rhs.mul_(scale)  # (m, d) = rhs K⁻¹
+
+
+def _solve_right(rhs: Tensor, system: Tensor, what: str) -> Tensor:
+    """``X = rhs · K⁻¹`` for a symmetric positive definite ``K`` (d, d); ``rhs`` (m, d) float64,
+    overwritten with the result. One Jacobi-scaled Cholesky (``_factor_system``), never an inverse."""
+    return _apply_inverse(rhs, _factor_system(system, what))
 
 
 def _gram_tensor(gram: Gram, dim: int | None, where: str) -> tuple[Tensor, int | None]:
@@ -294,10 +308,17 @@ class FusionProblem:
         W* = (W1 (ΣG_i + λI) + Σ_i up_i (down_i G_i) + W0 Σ_k w_k P_k)(ΣG_i + Σ_k w_k P_k + λI)⁻¹
            = W1 + (Σ_i up_i (down_i G_i) + (W0 − W1) Σ_k w_k P_k) K⁻¹,   K = ΣG_i + Σ_k w_k P_k + λI
 
-    ``add_concept`` accumulates ``ΣG_i`` (d, d) and, per matrix, ``U = Σ_i up_i (down_i G_i)``
-    (d_out, d) in float64; no dense ``ΔW_i`` is built and memory does not grow with the number of
-    concepts (a few concepts are buffered so that ``U`` is updated by one matrix product per batch).
-    ``solve`` factors the shared ``K`` once and solves all matrices' right-hand sides together.
+    ``K`` does not depend on the matrix, so ``solve`` factors it once and, with ``Q = (Σ_k w_k P_k) K⁻¹``
+    (d, d) formed once, streams the matrices one at a time::
+
+        W* = W1 + (W0 − W1) Q + [up_1 | up_2 | ...] ([down_1 G_1; down_2 G_2; ...] K⁻¹)
+
+    The concept terms stay low rank: per matrix, ``add_concept`` keeps ``up_i`` (d_out, r) and
+    ``down_i G_i`` (r, d) in float64, and the solve applies ``K⁻¹`` to those Σr rows only. Once a
+    matrix's factors would take more memory than a dense (d_out, d) ``U = Σ_i up_i down_i G_i``, they
+    are folded into that ``U`` (then solved densely), so memory does not grow with the number of
+    concepts (at most about twice a dense ``U`` per matrix). The only dense (d_out, d)·(d, d) product per matrix is ``(W0 − W1) Q`` (none without
+    preservation); peak memory is the weights, the factors and one matrix's float64 buffers.
 
     The LoRA scale must be folded into ``up`` (``ΔW = up @ down`` exactly). All work is done on
     ``device`` (default CPU) in float64; results come back in each ``W1``'s dtype and device.
@@ -339,12 +360,13 @@ class FusionProblem:
         self._relative_ridge = _check_ridge(relative_ridge)
         self._preserve = _check_preserve(preserve, dim)
         self._device = torch.device(device)
-        self._rows: dict[str, slice] = {}
-        start = 0
-        for name in self._names:
-            self._rows[name] = slice(start, start + W1[name].shape[0])
-            start += W1[name].shape[0]
-        self._U = torch.zeros(start, dim, dtype=_F64, device=self._device)  # (Σ d_out, d)
+        # per matrix: low-rank concept terms [up_i] (d_out, R) and [down_i G_i] (R, d), and the dense
+        # U (d_out, d) they are folded into once R is large (None until then)
+        self._low: list[tuple[Tensor, Tensor]] = [
+            (torch.zeros(W1[n].shape[0], 0, dtype=_F64, device=self._device),
+             torch.zeros(0, dim, dtype=_F64, device=self._device)) for n in self._names
+        ]
+        self._dense: list[Tensor | None] = [None] * len(self._names)
         self._gram_sum = torch.zeros(dim, dim, dtype=_F64, device=self._device)  # ΣG_i
         self._buffer_concepts = buffer_concepts
         # pending concepts: (ups per matrix [(d_out, r_j)], down_i G_i (Σ_j r_j, d), row offsets)
@@ -410,13 +432,19 @@ class FusionProblem:
         return self
 
     def _flush(self) -> None:
-        """``U += [up_a | up_b | ...] @ [down_a G_a; down_b G_b; ...]`` per matrix, for the buffered concepts."""
+        """Append the buffered concepts' factors to each matrix's low-rank terms; fold a matrix's terms
+        into its dense ``U += [up_a | ...] @ [down_a G_a; ...]`` once they outgrow a dense (d_out, d)."""
         if not self._pending:
             return
-        for j, name in enumerate(self._names):
-            ups = torch.cat([p[0][j] for p in self._pending], dim=1)  # (d_out, Σ_i r)
-            rows = torch.cat([p[1][p[2][j] : p[2][j + 1]] for p in self._pending])  # (Σ_i r, d)
-            self._U[self._rows[name]].addmm_(ups, rows)
+        for j in range(len(self._names)):
+            ups = torch.cat([self._low[j][0]] + [p[0][j] for p in self._pending], dim=1)  # (d_out, R)
+            rows = torch.cat([self._low[j][1]] + [p[1][p[2][j] : p[2][j + 1]] for p in self._pending])  # (R, d)
+            d_out, rank = ups.shape
+            if rank * (d_out + self._dim) > d_out * self._dim:
+                dense = self._dense[j]
+                self._dense[j] = ups @ rows if dense is None else dense.addmm_(ups, rows)  # (d_out, d)
+                ups, rows = ups[:, :0].contiguous(), rows[:0].contiguous()
+            self._low[j] = (ups, rows)
         self._pending.clear()
 
     def solve(self) -> dict[str, Tensor]:
@@ -427,27 +455,33 @@ class FusionProblem:
         system = self._gram_sum + pres  # (d, d)
         ridge = effective_ridge(system, self._ridge, self._relative_ridge)
         system.diagonal().add_(ridge)
-        rhs = self._U.clone()  # (Σ d_out, d)
-        if self._preserve:
-            for name in self._names:
-                w0 = self._W0[name].detach().to(device=self._device, dtype=_F64)  # (d_out, d)
-                w1 = self._W1[name].detach().to(device=self._device, dtype=_F64)
-                rhs[self._rows[name]].addmm_(w0 - w1, pres)  # + (W0 − W1) Σ w_k P_k
         tokens = "unknown number of" if self._tokens is None else str(self._tokens)
         what = (
             f"the fusion system ΣG + Σ w·P + λI ({dim}×{dim}; {self._concepts} concept(s) with {tokens} "
             f"token(s), {len(self._preserve)} weighted preservation group(s), ridge {ridge:g})"
         )
         try:
-            correction = _solve_right(rhs, system, what)  # (Σ d_out, d)
+            chol = _factor_system(system, what)
         except MaceError as err:
             raise MaceError(f"{err}: add preservation prompts with a weight > 0, or a ridge > 0") from None
-        out = {}
-        for name in self._names:
-            ref = self._W1[name]
-            w1 = ref.detach().to(device=self._device, dtype=_F64)  # (d_out, d)
-            out[name] = (w1 + correction[self._rows[name]]).to(device=ref.device, dtype=ref.dtype)
-        return out
+        q = _apply_inverse(pres, chol) if self._preserve else None  # (d, d) = Σ w_k P_k K⁻¹
+        return {name: self._solve_matrix(j, chol, q) for j, name in enumerate(self._names)}
+
+    def _solve_matrix(self, j: int, chol: tuple[Tensor, Tensor], q: Tensor | None) -> Tensor:
+        """``W* = W1 + (W0 − W1) Q + ups (rows K⁻¹) + U K⁻¹`` for matrix ``j``, in float64, returned in
+        ``W1``'s dtype and device."""
+        name = self._names[j]
+        ref = self._W1[name]
+        out = ref.detach().to(device=self._device, dtype=_F64, copy=True)  # (d_out, d): W1
+        if q is not None:
+            w0 = self._W0[name].detach().to(device=self._device, dtype=_F64)  # (d_out, d)
+            out.addmm_(w0 - out, q)  # + (W0 − W1) Q  (the product reads W0 − W1 before the update)
+        ups, rows = self._low[j]  # (d_out, R), (R, d)
+        if rows.shape[0]:
+            out.addmm_(ups, _apply_inverse(rows.clone(), chol))  # + ups (rows K⁻¹)
+        if self._dense[j] is not None:
+            out += _apply_inverse(self._dense[j].clone(), chol)  # + U K⁻¹
+        return out.to(device=ref.device, dtype=ref.dtype)
 
 
 def fuse_loras(

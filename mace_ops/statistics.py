@@ -11,6 +11,25 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+# A symmetric Gram ``xᵀx`` of at least this many dimensions is formed from its upper block triangle
+# (``_SYM_BLOCKS`` column blocks: 10 of the 16 block products, 62.5 % of the multiply-adds).
+_SYM_MIN_DIM = 512
+_SYM_BLOCKS = 4
+
+
+def _add_gram(out: Tensor, x: Tensor) -> None:
+    """``out += xᵀ x`` for ``x`` (n, d), ``out`` (d, d): block row ``a`` is ``x_aᵀ x[:, e_a:]`` (its
+    diagonal block and everything right of it); the blocks left of the diagonal are the mirror."""
+    d = x.shape[1]
+    if d < _SYM_MIN_DIM:
+        out.addmm_(x.T, x)
+        return
+    edges = [round(k * d / _SYM_BLOCKS) for k in range(_SYM_BLOCKS + 1)]
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        block = x[:, lo:hi].T @ x[:, lo:]  # (hi − lo, d − lo)
+        out[lo:hi, lo:] += block
+        out[hi:, lo:hi] += block[:, hi - lo :].T  # (d − hi, hi − lo): the mirrored off-diagonal part
+
 
 @dataclass
 class SecondMoment:
@@ -32,7 +51,10 @@ class SecondMoment:
         y = x if y is None else y.reshape(-1, self.dim).to(device=self.sum.device, dtype=torch.float64)
         if x.shape[0] != y.shape[0]:
             raise ValueError(f"SecondMoment.add: {x.shape[0]} rows in x but {y.shape[0]} in y")
-        self.sum.addmm_(x.T, y)
+        if y is x:
+            _add_gram(self.sum, x)  # symmetric: the upper block triangle only
+        else:
+            self.sum.addmm_(x.T, y)
         self.count += x.shape[0]
         return self
 
