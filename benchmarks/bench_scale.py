@@ -46,7 +46,9 @@ FUSE_S_PER_CONCEPT = 0.14
 
 def _job(host: DiffusersHost, steps: int):
     data = DataSettings(n_images=1, seed=0, steps=2, cfg=7.5, size=32)
-    return make_job(host.cross_attention_weights(), host.model_fingerprint(), data, TrainConfig(steps=steps), None)
+    # one concept per task and per batch, as measured before tasks followed the trainer's batches
+    return make_job(host.cross_attention_weights(), host.model_fingerprint(), data,
+                    TrainConfig(steps=steps, concepts_per_batch=1), None)
 
 
 def _cpu_seconds() -> float:

@@ -69,7 +69,11 @@ def _engine(args: argparse.Namespace, recipe: Any) -> Any:
 
         import_ray()
         gpus = args.ray_gpus if args.ray_gpus is not None else (1.0 if device.startswith("cuda") else 0.0)
-        return RayEngine(recipe, None if address == "local" else address, num_gpus=gpus)
+        if address == "local":  # this machine: each task on this process's threads, as a one-process run
+            import torch
+
+            return RayEngine(recipe, None, num_gpus=gpus, threads=torch.get_num_threads())
+        return RayEngine(recipe, address, num_gpus=gpus)
     if workers == 1:
         return None
     from .local_pool import LocalPool

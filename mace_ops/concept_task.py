@@ -6,15 +6,16 @@ losses)``; its outcome is a pure function of the content key
     key = sha256(format, fingerprint(W0 model), concept (phrase, anchor, kind), data settings,
                  TrainConfig.result_dict(), digest(W1 = the refined to_k/to_v), digest(user images/masks))
 
-(up to float rounding: the number of threads and which concepts share a forward change the last bits,
-see ``mace_ops.train``). The driver writes each gathered outcome to ``<cache>/tasks/`` under its key,
+(bit for bit at a given torch thread count: a task is one of the batches that the in-process trainer
+trains together, trained by the same call; another thread count changes the last bits, see
+``mace_ops.engines`` and ``mace_ops.train``). The driver writes each gathered outcome to ``<cache>/tasks/`` under its key,
 atomically (temporary file + rename), with a manifest (concept, key, losses, settings) in the file's
 metadata; a rerun reads the finished ones back and submits only the others. Only the driver writes
 there, so two workers never write the same file; a worker's own caches (training images, per-concept
 LoRAs and group checkpoints of ``mace_ops.train``) are written atomically too and read only when their
 key matches, so nothing partial is ever read as finished.
 
-Worker side: ``run_concept_task`` (one task = one concept or a few, trained together) on a host built
+Worker side: ``run_concept_task`` (one task = one batch of concepts, trained together) on a host built
 once per worker by a picklable ``HostFactory``.
 """
 

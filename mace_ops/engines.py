@@ -5,8 +5,12 @@
     gather:  each outcome is written under its key as it arrives; the bank holds every concept's LoRA
     fuse:    once, on the driver (``pipeline.fuse_weights``)
 
-A concept's LoRA does not depend on which worker trained it or what else that worker trained, so the
-erasure equals a one-worker run up to float rounding (``tests/_engine_case.py`` states the tolerance).
+A task is one of the groups that the in-process trainer batches together (``TrainConfig.concepts_per_batch``
+concepts in one forward, ``train.train_concept_loras``), and a worker trains it with that very call, so
+every LoRA comes out of the same operations on the same batch whatever the engine: at the same torch
+thread count per task, 1 process, N local workers and Ray give bit-identical LoRAs and erasure. Across
+thread counts CPU kernels split their sums differently and the last bits differ
+(``tests/_engine_case.py`` states the tolerance).
 Faults (a worker killed, a node lost, a task raising) are retried by the engine, a bounded number of
 times; concepts that fail every attempt are named in a ``MaceError`` after the others are saved.
 """
@@ -73,11 +77,16 @@ def plan_tasks(
     user_images: Mapping[str, Tensor] | None = None,
     user_masks: Mapping[str, Tensor] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
-    concepts_per_task: int = 1,
+    concepts_per_task: int | None = None,
 ) -> tuple[dict[str, ConceptOutcome], list[ConceptTask]]:
-    """``(finished, tasks)``: the concepts already in ``cache_dir`` and tasks for the others."""
-    if concepts_per_task < 1:
-        raise MaceError(f"concepts_per_task={concepts_per_task}: give at least 1")
+    """``(finished, tasks)``: the concepts already in ``cache_dir`` and tasks for the others.
+
+    ``concepts_per_task``: None (default) groups the concepts still to train exactly as the in-process
+    trainer batches them (``job.train.concepts_per_batch``, None: all in one), which makes the result
+    independent of the engine; another value trades that for finer tasks (a concept then rounds as in
+    a batch of that size)."""
+    if concepts_per_task is not None and concepts_per_task < 1:
+        raise MaceError(f"concepts_per_task={concepts_per_task}: give at least 1, or None for the trainer's batches")
     user_images, user_masks = dict(user_images or {}), dict(user_masks or {})
     names = list(job.refined)
     finished: dict[str, ConceptOutcome] = {}
@@ -90,9 +99,10 @@ def plan_tasks(
         else:
             finished[c.phrase] = hit
     kill_once = os.environ.get(KILL_ONCE_ENV) or None
+    per_task = concepts_per_task or job.train.concepts_per_batch or max(len(todo), 1)  # train_concept_loras' rule
     tasks = []
-    for start in range(0, len(todo), concepts_per_task):
-        chunk = todo[start : start + concepts_per_task]
+    for start in range(0, len(todo), per_task):
+        chunk = todo[start : start + per_task]
         phrases = {c.phrase for c, _ in chunk}
         tasks.append(ConceptTask(
             [c for c, _ in chunk],
@@ -112,13 +122,14 @@ def train_on_engine(
     user_images: Mapping[str, Tensor] | None = None,
     user_masks: Mapping[str, Tensor] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
-    concepts_per_task: int = 1,
+    concepts_per_task: int | None = None,
     progress: ProgressCallback | None = None,
     check_interrupt: Callable[[], None] | None = None,
 ) -> tuple[LoRABank, dict[str, list[float]]]:
     """Train every concept's LoRA on ``engine``; returns the bank (rows in the order of ``concepts``)
     and each concept's losses, like ``train.train_concept_loras``. With ``cache_dir`` each finished
-    concept is written there as it arrives and a rerun submits only the missing ones."""
+    concept is written there as it arrives and a rerun submits only the missing ones.
+    ``concepts_per_task``: see ``plan_tasks`` (default: the trainer's batches, engine-independent result)."""
     tasks_dir = None if cache_dir is None else Path(cache_dir)
     outcomes, tasks = plan_tasks(job, concepts, user_images=user_images, user_masks=user_masks,
                                  cache_dir=tasks_dir, concepts_per_task=concepts_per_task)

@@ -48,8 +48,10 @@ def _run_in_worker(task: ConceptTask) -> list[ConceptOutcome]:
 
 class LocalPool:
     """``workers`` processes on this machine; ``devices``: one torch device per worker (e.g.
-    ``["cuda:0", "cuda:1"]``; default: the factory's choice, CPU). ``threads_per_worker``: torch threads
-    in each worker (default: this process's threads divided among the workers, at least 1)."""
+    ``["cuda:0", "cuda:1"]``; default: the factory's choice, CPU). A run starts no more workers than it
+    has tasks. ``threads_per_worker``: torch threads in each worker (default: this process's threads
+    divided among the workers started, at least 1: a run of one task, e.g. a few concepts that the
+    trainer batches together, trains at this process's thread count and so bit-identically to it)."""
 
     shares_files = True
 
@@ -65,14 +67,21 @@ class LocalPool:
         self.workers = workers
         self.devices = list(devices) if devices is not None else [None] * workers
         self.max_attempts = max_attempts
-        self.threads = threads_per_worker or max(1, torch.get_num_threads() // workers)
+        if threads_per_worker is not None and threads_per_worker < 1:
+            raise MaceError(f"threads_per_worker={threads_per_worker}: give at least 1, or None to divide the threads")
+        self.threads_per_worker = threads_per_worker
+        self.driver_threads = torch.get_num_threads()
 
-    def _executor(self, job: TrainingJob, ctx: Any, progress: Any) -> ProcessPoolExecutor:
+    def threads(self, started: int) -> int:
+        """Torch threads per worker when ``started`` workers run."""
+        return self.threads_per_worker or max(1, self.driver_threads // started)
+
+    def _executor(self, job: TrainingJob, ctx: Any, progress: Any, started: int, threads: int) -> ProcessPoolExecutor:
         devices = ctx.Queue()
-        for d in self.devices:
+        for d in self.devices[:started]:
             devices.put(d)
-        return ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker,
-                                   initargs=(self.host_factory, job, progress, devices, self.threads))
+        return ProcessPoolExecutor(started, mp_context=ctx, initializer=_init_worker,
+                                   initargs=(self.host_factory, job, progress, devices, threads))
 
     def run(self, job: TrainingJob, tasks: Sequence[ConceptTask], *, on_step: OnStep, on_done: OnDone,
             check_interrupt: Callable[[], None] | None = None) -> dict[str, str]:
@@ -80,9 +89,10 @@ class LocalPool:
         ctx = mp.get_context("spawn")
         attempts, errors, finished = [0] * len(tasks), [""] * len(tasks), set()
         pending = list(range(len(tasks)))
+        threads = self.threads(min(self.workers, len(tasks)))  # fixed for the run: a retried task rounds alike
         while pending:
             progress = ctx.Queue()  # a fresh queue per pool: a killed worker never leaves one half-read
-            executor = self._executor(job, ctx, progress)
+            executor = self._executor(job, ctx, progress, min(self.workers, len(pending)), threads)
             futures: dict[Future, int] = {executor.submit(_run_in_worker, tasks[i]): i for i in pending}
             try:
                 waiting = set(futures)

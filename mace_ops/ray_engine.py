@@ -1,4 +1,5 @@
-"""The multi-machine engine: one Ray task per concept (or per ``concepts_per_task`` concepts).
+"""The multi-machine engine: one Ray task per batch of concepts that the in-process trainer would train
+together (``TrainConfig.concepts_per_batch``; ``engines.plan_tasks``).
 
     ray start --head                       # first machine; then on the others:
     ray start --address HEAD_IP:6379
@@ -39,8 +40,12 @@ def import_ray() -> Any:
     return ray
 
 
-def _ray_task(factory: HostFactory, job: TrainingJob, task: ConceptTask, use_gpu: bool) -> list[ConceptOutcome]:
+def _ray_task(factory: HostFactory, job: TrainingJob, task: ConceptTask, use_gpu: bool,
+              threads: int) -> list[ConceptOutcome]:
     """Body of one Ray task (Ray sets CUDA_VISIBLE_DEVICES to the GPUs it granted)."""
+    import torch
+
+    torch.set_num_threads(threads)  # the result's last bits depend on it on CPU (engines module docstring)
     hosts = worker_hosts(factory, job, "cuda" if use_gpu else None)
     return run_concept_task(hosts, job, task)
 
@@ -49,18 +54,24 @@ class RayEngine:
     """Tasks on a Ray cluster. ``address``: "auto" (a running cluster), "HOST:PORT", or None (the
     cluster this process is connected to, else a new local one). ``num_gpus``/``num_cpus``: resources
     of one task (``num_gpus=0.5`` puts two tasks on a GPU). ``max_retries``: extra attempts per task.
-    ``init_kwargs``: passed to ``ray.init`` when this engine connects."""
+    ``init_kwargs``: passed to ``ray.init`` when this engine connects. ``threads``: torch threads in
+    each task (default: ``num_cpus`` rounded down, at least 1); a one-process run at the same thread
+    count gives bit-identical LoRAs."""
 
     shares_files = False
 
     def __init__(self, host_factory: HostFactory, address: str | None = None, *, num_gpus: float = 0.0,
-                 num_cpus: float = 1.0, max_retries: int = 2, init_kwargs: dict[str, Any] | None = None) -> None:
+                 num_cpus: float = 1.0, max_retries: int = 2, init_kwargs: dict[str, Any] | None = None,
+                 threads: int | None = None) -> None:
         if num_gpus < 0 or num_cpus < 0 or max_retries < 0:
             raise MaceError(f"num_gpus={num_gpus}, num_cpus={num_cpus}, max_retries={max_retries}: none may be negative")
+        if threads is not None and threads < 1:
+            raise MaceError(f"threads={threads}: give at least 1 torch thread per task, or None for num_cpus")
         self.host_factory = host_factory
         self.address = address
         self.num_gpus, self.num_cpus, self.max_retries = float(num_gpus), float(num_cpus), int(max_retries)
         self.init_kwargs = dict(init_kwargs or {})
+        self.threads = threads if threads is not None else max(1, int(self.num_cpus))
         self.workers = 0  # filled from the cluster's resources on connection
 
     def _connect(self) -> Any:
@@ -80,7 +91,7 @@ class RayEngine:
             num_gpus=self.num_gpus, num_cpus=self.num_cpus, max_retries=self.max_retries, retry_exceptions=True,
         )
         factory_ref, job_ref = ray.put(self.host_factory), ray.put(job)
-        refs = {remote.remote(factory_ref, job_ref, t, self.num_gpus > 0): i for i, t in enumerate(tasks)}
+        refs = {remote.remote(factory_ref, job_ref, t, self.num_gpus > 0, self.threads): i for i, t in enumerate(tasks)}
         failed: dict[str, str] = {}
         try:
             while refs:

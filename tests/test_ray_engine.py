@@ -1,11 +1,11 @@
 """The Ray engine on a local 2-CPU Ray cluster (one per module): the erasure of the one-process run,
-also when a worker is SIGKILLed mid-concept (Ray retries the task). Same case and tolerance as
-``test_engines.py``."""
+bit for bit at the driver's thread count, also when a worker is SIGKILLed mid-concept (Ray retries the
+task). Same case as ``test_engines.py``."""
 
 from __future__ import annotations
 
 import pytest
-from _engine_case import assert_same_erasure, erase, one_worker_erasure
+from _engine_case import assert_same_erasure, driver_threads, erase, one_worker_erasure
 
 from mace_ops.concept_task import KILL_ONCE_ENV, HostRecipe
 from mace_ops.ray_engine import RayEngine
@@ -26,16 +26,16 @@ def one_worker(tiny_host):
 
 
 def test_local_ray_cluster_gives_the_one_worker_erasure(cluster, tiny_host, one_worker, tmp_path):
-    engine = RayEngine(HostRecipe("tiny", 0))
+    engine = RayEngine(HostRecipe("tiny", 0), threads=driver_threads())
     got = erase(tiny_host, engine=engine, cache_dir=tmp_path)
     assert engine.workers == 2
-    assert_same_erasure(got, one_worker)
+    assert_same_erasure(got, one_worker, exact=True)
     assert len(list((tmp_path / "tasks").glob("task-*.safetensors"))) == 3  # gathered on the driver
 
 
 def test_ray_retries_a_killed_worker_and_the_erasure_matches(cluster, tiny_host, one_worker, tmp_path, monkeypatch):
     marker = tmp_path / "killed"
     monkeypatch.setenv(KILL_ONCE_ENV, str(marker))
-    got = erase(tiny_host, engine=RayEngine(HostRecipe("tiny", 0), max_retries=2))
+    got = erase(tiny_host, engine=RayEngine(HostRecipe("tiny", 0), max_retries=2, threads=driver_threads()))
     assert marker.exists()  # a worker died by SIGKILL at a concept's 2nd step
-    assert_same_erasure(got, one_worker)
+    assert_same_erasure(got, one_worker, exact=True)
