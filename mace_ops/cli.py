@@ -323,6 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--steps", type=int, help="LoRA training steps per concept (default: preset / 50)")
     r.add_argument("--lr", type=float, help="LoRA learning rate (default: preset / 1e-4)")
+    r.add_argument("--concepts-per-batch", type=int, metavar="K",
+                   help="concepts whose LoRAs train together in one forward pass (default 8). Lower it to fit a "
+                        "smaller GPU (about 2.2 GiB of activations per concept at SD1.5 512 px) or to spread a "
+                        "short list over more --workers: each batch is one task")
     r.add_argument("--images", type=int, help="training images per concept (default 8)")
     r.add_argument("--size", type=int, help="image size in pixels (default 512)")
     r.add_argument("--sample-steps", type=int, help="sampler steps for generated images (default 30)")

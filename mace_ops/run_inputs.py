@@ -67,7 +67,8 @@ def check_numbers(args: argparse.Namespace) -> None:
     for flag, value, least in (("--images", args.images, 1), ("--sample-steps", args.sample_steps, 1),
                                ("--steps", args.steps, 1), ("--max-concepts", args.max_concepts, 1),
                                ("--report-images", args.report_images, 0),
-                               ("--harden", getattr(args, "harden", None), 0)):
+                               ("--harden", getattr(args, "harden", None), 0),
+                               ("--concepts-per-batch", getattr(args, "concepts_per_batch", None), 1)):
         if value is not None and value < least:
             raise MaceError(f"{flag} {value}: give a whole number >= {least}")
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
@@ -186,14 +187,16 @@ def add_prediction_arg(p: argparse.ArgumentParser) -> None:
 
 
 def with_overrides(args: argparse.Namespace, settings: Any) -> Any:
-    """``settings`` with --seed, --steps, --lr, --images, --size, --sample-steps, --fast, --harden,
-    --pooled-channel applied
+    """``settings`` with --seed, --steps, --lr, --concepts-per-batch, --images, --size, --sample-steps, --fast,
+    --harden, --pooled-channel applied
     (``check_numbers`` first)."""
     train = dataclasses.replace(settings.train, seed=args.seed)
     if args.steps is not None:
         train = dataclasses.replace(train, steps=args.steps)
     if args.lr is not None:
         train = dataclasses.replace(train, lr=args.lr)
+    if getattr(args, "concepts_per_batch", None) is not None:
+        train = dataclasses.replace(train, concepts_per_batch=args.concepts_per_batch)
     overrides: dict[str, Any] = {"seed": args.seed, "train": train.check()}
     if getattr(args, "fast", False):
         overrides["closed_form_only"] = True

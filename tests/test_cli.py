@@ -242,6 +242,11 @@ def test_preset_and_overrides(tmp_path):
         ["run", "--checkpoint", "x", "--preset", "celebrities_10", "--out", str(tmp_path / "o"), "--fast",
          "--harden", "2"]), settings)
     assert hard.harden_rounds == 2 and hard.closed_form_only and hard.harden().rounds == 2
+    assert settings.train.concepts_per_batch == 8  # the pipeline's default unless asked otherwise
+    small = run_inputs.with_overrides(cli.build_parser().parse_args(
+        ["run", "--checkpoint", "x", "--preset", "celebrities_10", "--out", str(tmp_path / "o"),
+         "--concepts-per-batch", "2"]), settings)
+    assert small.train.concepts_per_batch == 2 and small.train.steps == settings.train.steps
 
 
 # ---------------------------------------------------------------- cheap inputs before the model
@@ -321,6 +326,7 @@ def _bad_input_cases(tmp_path, tiny_file):
         ([*ck, *c, *out, "--sample-steps", "0"], "--sample-steps 0"),
         ([*ck, *c, *out, "--report-images", "-1"], "--report-images -1"),
         ([*ck, *c, *out, "--harden", "-1"], "--harden -1: give a whole number >= 0"),
+        ([*ck, *c, *out, "--concepts-per-batch", "0"], "--concepts-per-batch 0: give a whole number >= 1"),
         ([*ck, *c, *out, "--lr", "-1"], "--lr -1.0: give a positive learning rate"),
         ([*ck, *c, *out, "--device", "gpu"], "--device 'gpu' is not a torch device"),
         ([*ck, *c, *out, "--cache", str(a_file)], "--cache"),
