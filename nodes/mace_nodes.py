@@ -12,10 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 from .values import (
-    CONCEPTS,
-    ERASURE,
-    LORA_BANK,
-    PRESERVATION,
     BankValue,
     ConceptsValue,
     ErasureValue,

@@ -100,9 +100,14 @@ class NodeSpec:
         out: dict[str, dict[str, Any]] = {"required": {}}
         for i in self.inputs:
             out.setdefault("optional" if i.optional else "required", {})[i.name] = i.v1()
-        for h in self.hidden:
+        for h in self.all_hidden():
             out.setdefault("hidden", {})[h] = (h.upper(),)
         return out
+
+    def all_hidden(self) -> tuple[str, ...]:
+        """``hidden`` and what ComfyUI adds for an output node (``Schema.finalize``: prompt, extra_pnginfo)."""
+        extra = ("prompt", "extra_pnginfo") if self.output_node else ()
+        return self.hidden + tuple(h for h in extra if h not in self.hidden)
 
 
 # ---------------------------------------------------------------- input helpers

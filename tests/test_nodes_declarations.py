@@ -119,7 +119,7 @@ def test_v1_view_has_every_input_in_order_with_its_section(pack):
         listed = [(sec, name, t) for sec in ("required", "optional") for name, (t, _) in view.get(sec, {}).items()]
         assert [(n, t) for _, n, t in listed] == [(i.name, i.type) for i in spec.inputs], spec.node_id
         assert all((sec == "optional") == spec.input(n).optional for sec, n, _ in listed), spec.node_id
-        assert set(view.get("hidden", {})) == set(spec.hidden)
+        assert set(view.get("hidden", {})) == set(spec.hidden) | ({"prompt", "extra_pnginfo"} if spec.output_node else set())
         for i in spec.inputs:
             opts = view["optional" if i.optional else "required"][i.name][1]
             assert opts["tooltip"] == i.tooltip
