@@ -3,8 +3,6 @@ of what the server test covers end to end — save/load/apply round trip, refusa
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
