@@ -237,13 +237,13 @@ def test_fuse_external_loras_node_fuses_files_from_the_loras_folder(nodes, tiny_
         assert ComfyHost(erased).cross_attention_weights().keys() == want.keys()
         with pytest.raises(MaceError, match="attn1"):
             nodes["MaceFuseExternalLoRAs"](model, clip, concepts, pres, "c.safetensors\nb.safetensors",
-                                               False, 2.0, 0.0, 0.1)
+                                           False, 2.0, 0.0, 0.1)
         *_, report = nodes["MaceFuseExternalLoRAs"](model, clip, concepts, pres, "c.safetensors\nb.safetensors",
-                                                         True, 2.0, 0.0, 0.1)
+                                                    True, 2.0, 0.0, 0.1)
         assert "ignored 1: " + attn1[len("lora_unet_"):] in report
         with pytest.raises(MaceError, match="not in the loras folder"):
             nodes["MaceFuseExternalLoRAs"](model, clip, concepts, pres, "missing.safetensors\nb.safetensors",
-                                               False, 2.0, 0.0, 0.1)
+                                           False, 2.0, 0.0, 0.1)
 
 
 def test_robustness_probe_node_reports_every_attack_and_leaves_models_untouched(nodes, run, tmp_path):

@@ -66,7 +66,7 @@ def run(nodes, sdxl_parts):
         (loaded,) = nodes["MaceLoadErasure"]("output/" + rel.replace("\\", "/"))
         (applied,) = nodes["MaceApplyErasure"](model, loaded, 1.0)
         preview = nodes["MaceErasurePreview"](model, erased, clip, vae, loaded, "a photo of a house", 1, 0, 2,
-                                                      5.0, 64)
+                                              5.0, 64)
     return dict(model=model, before=before, refined=refined, bank=bank, erased=erased, erasure=erasure,
                 applied=applied, preview=preview)
 
