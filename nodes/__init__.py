@@ -1,28 +1,13 @@
-"""ComfyUI nodes of the MACE pack (classic node classes; nothing heavy is imported here).
+"""ComfyUI nodes of the MACE pack, on ComfyUI's V3 schema (nothing heavy is imported here).
 
-Apply Erasure is also written on ComfyUI's V3 schema (``nodes/v3_pilot.py``, a pilot): when ComfyUI's
-``comfy_api.latest`` is importable (the pack loaded by ComfyUI) that class serves the node id; without
-ComfyUI (tests, the workflow builder) the classic class does.
+``table.NODES`` declares every node once (id, display name, inputs, outputs, the function that runs
+it); ``v3`` builds the ``comfy_api.latest`` classes from it and needs ComfyUI, so it is imported only by
+the pack's ``comfy_entrypoint``. ``mace_nodes`` holds the functions, ``values`` the custom socket types,
+``comfy_runtime`` what the functions take from ComfyUI at run time, ``web_api`` the web extension's
+server side.
 """
 
-import importlib.util
-
-from .mace_nodes import NODE_CLASS_MAPPINGS as _CLASSIC
-from .mace_nodes import NODE_DISPLAY_NAME_MAPPINGS
+from .table import BY_ID, NODES
 from .values import CUSTOM_TYPES
 
-
-def _comfy_api_latest() -> bool:
-    try:
-        return importlib.util.find_spec("comfy_api") is not None and importlib.util.find_spec("comfy_api.latest") is not None
-    except (ImportError, ValueError):
-        return False
-
-
-NODE_CLASS_MAPPINGS = dict(_CLASSIC)
-if _comfy_api_latest():
-    from .v3_pilot import V3_NODES
-
-    NODE_CLASS_MAPPINGS.update(V3_NODES)
-
-__all__ = ["CUSTOM_TYPES", "NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+__all__ = ["BY_ID", "CUSTOM_TYPES", "NODES"]

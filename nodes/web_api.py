@@ -30,6 +30,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 PROGRESS_EVENT = "mace.train.progress"
+#: the routes (aiohttp patterns); web/mace.js fetches them (tests/test_web_strings.py checks the names)
+ROUTE_PRESETS = "/mace/presets"
+ROUTE_PRESET = "/mace/preset/{name}"
+ROUTE_TOKEN_COUNTS = "/mace/token_counts"
+ROUTES = (ROUTE_PRESETS, ROUTE_PRESET, ROUTE_TOKEN_COUNTS)
+#: the fields of a token-count request (query or JSON body), with their defaults
+TOKEN_COUNT_FIELDS = {"text": "", "default_anchor": "", "kind": "object"}
 MAX_TEXT = 200_000  # characters of a concept list the token route accepts
 
 
@@ -250,17 +257,15 @@ def register_routes() -> bool:
                 return web.json_response({"error": "body: not JSON; send {\"text\": ...}"}, status=400)
         else:
             body = request.query
-        text = str(body.get("text", ""))
-        anchor = str(body.get("default_anchor", ""))
-        kind = str(body.get("kind", "object"))
+        fields = [str(body.get(k, default)) for k, default in TOKEN_COUNT_FIELDS.items()]  # text, anchor, kind
         try:
-            return web.json_response(await asyncio.to_thread(token_counts_payload, text, anchor, kind))
+            return web.json_response(await asyncio.to_thread(token_counts_payload, *fields))
         except MaceError as e:  # bad kind, text too long, a bad MACE_CLIP_BPE
             return web.json_response({"error": str(e), "lines": []}, status=400)
 
-    routes.get("/mace/presets")(presets)
-    routes.get("/mace/preset/{name}")(preset)
-    routes.get("/mace/token_counts")(token_counts)
-    routes.post("/mace/token_counts")(token_counts)
+    routes.get(ROUTE_PRESETS)(presets)
+    routes.get(ROUTE_PRESET)(preset)
+    routes.get(ROUTE_TOKEN_COUNTS)(token_counts)
+    routes.post(ROUTE_TOKEN_COUNTS)(token_counts)
     server._mace_routes_registered = True
     return True

@@ -1,4 +1,5 @@
-"""The pack's node declarations, checked without ComfyUI (CI)."""
+"""The pack's node table (nodes/table.py), checked without ComfyUI (CI). That ComfyUI's V3 classes show the
+same declarations is checked on a real ComfyUI (tests/comfy/test_nodes_v3.py)."""
 
 from __future__ import annotations
 
@@ -49,19 +50,14 @@ def pack():
     return _load_pack()
 
 
-def _inputs(cls) -> dict[str, tuple]:
-    spec = cls.INPUT_TYPES()
-    out = {}
-    for section in ("required", "optional"):
-        out.update(spec.get(section, {}))
-    return out
-
-
 def test_import_is_light_and_needs_no_comfyui():
+    """The pack imports without ComfyUI or torch, and offers ComfyUI only ``comfy_entrypoint`` (ComfyUI 0.33
+    ignores the entry point of a pack that defines NODE_CLASS_MAPPINGS)."""
     code = LOAD_PACK + (
         "assert 'comfy' not in sys.modules and 'folder_paths' not in sys.modules\n"
         "assert 'torch' not in sys.modules, 'importing the pack must not import torch'\n"
-        "assert mod.WEB_DIRECTORY == 'web' and len(mod.NODE_CLASS_MAPPINGS) == 11\n"
+        "assert mod.WEB_DIRECTORY == 'web' and len(mod.NODES) == 11\n"
+        "assert not hasattr(mod, 'NODE_CLASS_MAPPINGS') and callable(mod.comfy_entrypoint)\n"
         "print('ok')\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
@@ -69,70 +65,91 @@ def test_import_is_light_and_needs_no_comfyui():
     assert r.stdout.strip() == "ok"
 
 
-def test_display_names_and_category(pack):
-    assert set(pack.NODE_CLASS_MAPPINGS) == set(pack.NODE_DISPLAY_NAME_MAPPINGS)
-    assert set(pack.NODE_DISPLAY_NAME_MAPPINGS.values()) == DISPLAY
-    for cls in pack.NODE_CLASS_MAPPINGS.values():
-        assert cls.CATEGORY == "MACE"
-        assert isinstance(cls.DESCRIPTION, str) and cls.DESCRIPTION
+def test_display_names_ids_and_category(pack):
+    ids = [spec.node_id for spec in pack.NODES]
+    assert len(set(ids)) == len(ids) and all(i.startswith("Mace") for i in ids)
+    assert {spec.display_name for spec in pack.NODES} == DISPLAY
+    for spec in pack.NODES:
+        assert spec.category == "MACE"
+        assert isinstance(spec.description, str) and spec.description
 
 
 def test_outputs_are_declared_consistently(pack):
-    for name, cls in pack.NODE_CLASS_MAPPINGS.items():
-        assert isinstance(cls.RETURN_TYPES, tuple), name
-        if getattr(cls, "RETURN_NAMES", None) is not None:
-            assert len(cls.RETURN_NAMES) == len(cls.RETURN_TYPES), name
-        if cls.RETURN_TYPES:
-            assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES), name
-        else:
-            assert cls.OUTPUT_NODE, f"{name} returns nothing, so it must be an output node"
+    for spec in pack.NODES:
+        names = [o.name for o in spec.outputs]
+        assert len(set(names)) == len(names), spec.node_id
+        assert all(o.type and o.tooltip for o in spec.outputs), spec.node_id
+        if not spec.outputs:
+            assert spec.output_node, f"{spec.node_id} returns nothing, so it must be an output node"
 
 
 def test_every_custom_type_is_produced_and_consumed(pack):
-    produced, consumed = set(), set()
-    for cls in pack.NODE_CLASS_MAPPINGS.values():
-        produced.update(t for t in cls.RETURN_TYPES if t.startswith("MACE_"))
-        consumed.update(spec[0] for spec in _inputs(cls).values() if isinstance(spec[0], str) and spec[0].startswith("MACE_"))
-    assert produced == set(CUSTOM)
+    produced = {o.type for spec in pack.NODES for o in spec.outputs if o.type.startswith("MACE_")}
+    consumed = {i.type for spec in pack.NODES for i in spec.inputs if i.type.startswith("MACE_")}
+    assert produced == set(CUSTOM) == set(sys.modules["mace_pack.nodes"].CUSTOM_TYPES)
     assert consumed == set(CUSTOM)
 
 
 def test_every_input_has_a_tooltip_and_sane_default(pack):
-    for name, cls in pack.NODE_CLASS_MAPPINGS.items():
-        for inp, spec in _inputs(cls).items():
-            kind, opts = spec[0], (spec[1] if len(spec) > 1 else {})
-            assert opts.get("tooltip"), f"{name}.{inp} has no tooltip"
-            if kind in ("INT", "FLOAT"):
-                assert opts["min"] <= opts["default"] <= opts["max"], f"{name}.{inp}: default outside [min, max]"
-                assert isinstance(opts["default"], int if kind == "INT" else (int, float))
-            if isinstance(kind, list):
-                assert kind or inp == "erasure_file", f"{name}.{inp}: empty choice list"  # files may be absent
-                if "default" in opts:
-                    assert opts["default"] in kind, f"{name}.{inp}: default not among the choices"
+    for spec in pack.NODES:
+        names = [i.name for i in spec.inputs]
+        assert len(set(names)) == len(names), spec.node_id
+        for i in spec.inputs:
+            where = f"{spec.node_id}.{i.name}"
+            assert i.tooltip, f"{where} has no tooltip"
+            if i.type in ("INT", "FLOAT"):
+                assert i.min <= i.default <= i.max, f"{where}: default outside [min, max]"
+                assert isinstance(i.default, int if i.type == "INT" else (int, float)), where
+                assert i.step is not None and i.step > 0, where
+            if i.type == "COMBO":
+                options = i.options()
+                assert options or i.name == "erasure_file", f"{where}: empty choice list"  # files may be absent
+                assert i.default is None or i.default in options, f"{where}: default not among the choices"
+            if i.type in ("STRING", "BOOLEAN"):
+                assert isinstance(i.default, str if i.type == "STRING" else bool), where
+            if not i.is_widget:
+                assert i.default is None and i.choices is None, f"{where}: a socket has no default"
+
+
+def test_v1_view_has_every_input_in_order_with_its_section(pack):
+    """What the builder and the tests read (``v1_input``, ComfyUI's /object_info shape): every input once, in
+    table order, optional ones under "optional", combos with their options, hidden inputs by name."""
+    for spec in pack.NODES:
+        view = spec.v1_input()
+        listed = [(sec, name, t) for sec in ("required", "optional") for name, (t, _) in view.get(sec, {}).items()]
+        assert [(n, t) for _, n, t in listed] == [(i.name, i.type) for i in spec.inputs], spec.node_id
+        assert all((sec == "optional") == spec.input(n).optional for sec, n, _ in listed), spec.node_id
+        assert set(view.get("hidden", {})) == set(spec.hidden) | ({"prompt", "extra_pnginfo"} if spec.output_node else set())
+        for i in spec.inputs:
+            opts = view["optional" if i.optional else "required"][i.name][1]
+            assert opts["tooltip"] == i.tooltip
+            if i.type == "COMBO":
+                assert opts["options"] == i.options()
 
 
 def test_function_takes_exactly_the_inputs(pack):
-    for name, cls in pack.NODE_CLASS_MAPPINGS.items():
-        fn = getattr(cls, cls.FUNCTION)
-        params = [p for p in inspect.signature(fn).parameters if p != "self"]
-        spec = cls.INPUT_TYPES()
-        assert set(params) == set(spec["required"]) | set(spec.get("optional", {})), name
-        for opt in spec.get("optional", {}):
-            assert inspect.signature(fn).parameters[opt].default is not inspect.Parameter.empty, f"{name}.{opt}"
+    for spec in pack.NODES:
+        params = inspect.signature(spec.run).parameters
+        assert list(params) == [i.name for i in spec.inputs] + list(spec.hidden), spec.node_id
+        for i in spec.inputs:
+            if i.optional:
+                assert params[i.name].default is not inspect.Parameter.empty, f"{spec.node_id}.{i.name}"
+        for h in spec.hidden:
+            assert params[h].default is None, f"{spec.node_id}.{h}: a hidden input is None outside ComfyUI"
 
 
 def test_concept_list_node_without_comfyui(pack):
     from mace_ops.concepts import list_presets
     from mace_ops.errors import MaceError
 
-    node = pack.NODE_CLASS_MAPPINGS["MaceConceptList"]()
-    (value,) = node.build("Taylor Swift -> a woman\n# a comment\nBrad Pitt", "object", "a man", "none")
+    build = {spec.node_id: spec for spec in pack.NODES}["MaceConceptList"].run
+    (value,) = build("Taylor Swift -> a woman\n# a comment\nBrad Pitt", "object", "a man", "none")
     assert [(c.phrase, c.anchor, c.kind) for c in value.concepts] == [
         ("Taylor Swift", "a woman", "object"), ("Brad Pitt", "a man", "object")]
     preset = list_presets()[0]
-    (from_preset,) = node.build("", "object", "a person", preset)
+    (from_preset,) = build("", "object", "a person", preset)
     assert from_preset.preset == preset and len(from_preset.concepts) >= 1
     with pytest.raises(MaceError, match="concepts input"):
-        node.build("  \n# only a comment\n", "object", "a person", "none")
+        build("  \n# only a comment\n", "object", "a person", "none")
     with pytest.raises(MaceError, match="line 1"):
-        node.build("cat -> cat", "object", "a person", "none")
+        build("cat -> cat", "object", "a person", "none")

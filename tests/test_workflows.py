@@ -1,7 +1,7 @@
 """The bundled workflows (example_workflows/*.json, built by workflows/build_workflows.py, with their .jpg
 thumbnails) against the builder and the node declarations, without ComfyUI.
 
-Node types must be ours (the pack's NODE_CLASS_MAPPINGS) or one of the ComfyUI core types named in
+Node types must be ours (the pack's node table, NODES) or one of the ComfyUI core types named in
 CORE_TYPES; links must type-check; widget values must be in range and among the combo options. With
 COMFYUI_PATH set (and ComfyUI's environment), each workflow runs on ComfyUI's server with a tiny SD1.5
 checkpoint and every size and step count set to the minimum.
@@ -91,8 +91,9 @@ def test_core_declarations_are_stated():
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_node_types_exist(path):
+    ours = {spec.node_id for spec in PACK.NODES}
     for node in _load(path)["nodes"]:
-        assert node["type"] in PACK.NODE_CLASS_MAPPINGS or node["type"] in CORE_TYPES, node["type"]
+        assert node["type"] in ours or node["type"] in CORE_TYPES, node["type"]
     types = [n["type"] for n in _load(path)["nodes"]]
     for t in CHAIN + ["Note"]:
         assert t in types, t
@@ -206,8 +207,8 @@ def test_api_format_names_every_input(path):
     api = bw.to_api(_load(path), DECLS)
     assert "Note" not in {v["class_type"] for v in api.values()}
     for node in api.values():
-        cls = PACK.NODE_CLASS_MAPPINGS.get(node["class_type"])
-        required = (cls.INPUT_TYPES() if cls else bw.CORE_NODES[node["class_type"]]["input"])["required"]
+        spec = {s.node_id: s for s in PACK.NODES}.get(node["class_type"])
+        required = (spec.v1_input() if spec else bw.CORE_NODES[node["class_type"]]["input"])["required"]
         assert set(required) <= set(node["inputs"]), node["class_type"]
         for v in node["inputs"].values():
             if isinstance(v, list):

@@ -14,8 +14,8 @@ Every graph is the same chain, left to right:
 CheckpointLoaderSimple -> MACE Concept List + MACE Preservation Set -> Refine Cross-Attention -> Train
 Concept LoRA -> Fuse LoRAs -> Apply Erasure -> MACE Erasure Preview (+ PreviewImage), CheckpointSave and
 Save Erasure; four titled groups and a Note that says what the graph does and how much work it is.
-Widget values start from each node's declared defaults (read from ``INPUT_TYPES``), then take the task's
-overrides, so a changed declaration shows up in the next build (tests/test_workflows.py checks that the
+Widget values start from each node's declared defaults (read from the node table, ``nodes/table.py``), then
+take the task's overrides, so a changed declaration shows up in the next build (tests/test_workflows.py checks that the
 committed files equal the build). Preset tasks copy the preset's concept list and retained names.
 """
 
@@ -144,6 +144,8 @@ def _decl(type_: str, input_types: dict[str, Any], outputs: tuple, names: tuple,
             kind, opts = spec[0], (spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {})
             if isinstance(kind, list | tuple):
                 widgets.append((name, "COMBO", opts, list(kind)))
+            elif kind == "COMBO":  # a V3 combo: the options are in the options dict
+                widgets.append((name, "COMBO", opts, list(opts.get("options", []))))
             elif kind in WIDGET_TYPES and not opts.get("forceInput"):
                 widgets.append((name, kind, opts, None))
             else:
@@ -152,13 +154,12 @@ def _decl(type_: str, input_types: dict[str, Any], outputs: tuple, names: tuple,
 
 
 def declarations() -> dict[str, Decl]:
-    """Our nine nodes (from the pack) and the core nodes above."""
+    """Our nodes (from the pack's node table, as ComfyUI's /object_info shows them) and the core nodes above."""
     pack = load_pack()
     out = {}
-    for name, cls in pack.NODE_CLASS_MAPPINGS.items():
-        out[name] = _decl(name, cls.INPUT_TYPES(), tuple(cls.RETURN_TYPES),
-                          tuple(getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES),
-                          pack.NODE_DISPLAY_NAME_MAPPINGS.get(name, name))
+    for spec in pack.NODES:
+        out[spec.node_id] = _decl(spec.node_id, spec.v1_input(), tuple(o.type for o in spec.outputs),
+                                  tuple(o.name for o in spec.outputs), spec.display_name)
     for name, d in CORE_NODES.items():
         out[name] = _decl(name, d["input"], d["output"], d["output_name"], d["display"], d.get("virtual", False))
     return out

@@ -3,8 +3,6 @@ of what the server test covers end to end — save/load/apply round trip, refusa
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,18 +21,16 @@ def nodes(comfy_lib, tmp_path_factory):
     folder_paths.set_output_directory(str(base / "output"))
     folder_paths.set_user_directory(str(base / "user"))
     folder_paths.set_temp_directory(str(base / "temp"))
-    if "mace_pack" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("mace_pack", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["mace_pack"] = mod
-        spec.loader.exec_module(mod)
-    return {k: cls() for k, cls in sys.modules["mace_pack"].NODE_CLASS_MAPPINGS.items()}
+    from _v3_nodes import v3_nodes
+
+    return v3_nodes(ROOT)
 
 
 def _apply(model, erasure, strength):
-    """Apply Erasure as ComfyUI runs it: the V3 pilot (comfy_api.latest is importable here) -> (MODEL,)."""
-    cls = sys.modules["mace_pack"].NODE_CLASS_MAPPINGS["MaceApplyErasure"]
-    return tuple(cls.execute(model, erasure, strength).args)
+    """Apply Erasure as ComfyUI runs it (its V3 class's execute) -> (MODEL,)."""
+    from _v3_nodes import v3_nodes
+
+    return tuple(v3_nodes(ROOT)["MaceApplyErasure"](model, erasure, strength).args)
 
 
 def _state(patcher):
@@ -47,14 +43,14 @@ def run(nodes, tiny_parts):
     model, clip, vae = tiny_parts
     before = _state(model)
     with torch.inference_mode():
-        (concepts,) = nodes["MaceConceptList"].build("cat -> a dog\nEiffel Tower -> a tower", "object", "a thing", "none")
-        (pres,) = nodes["MacePreservationSet"].build(clip, "none", "a photo of a house\na red car", "", "object")
-        (refined,) = nodes["MaceRefineCrossAttention"].refine(model, clip, concepts, pres, -1.0, -1.0, 0.1)
+        (concepts,) = nodes["MaceConceptList"]("cat -> a dog\nEiffel Tower -> a tower", "object", "a thing", "none")
+        (pres,) = nodes["MacePreservationSet"](clip, "none", "a photo of a house\na red car", "", "object")
+        (refined,) = nodes["MaceRefineCrossAttention"](model, clip, concepts, pres, -1.0, -1.0, 0.1)
         train_args = dict(original_model=model, refined_model=refined, clip=clip, vae=vae, concepts=concepts, steps=2,
                           learning_rate=0.0, rank=1, seed=0, batch_size=1, images_per_concept=1, sample_steps=2,
                           cfg=7.5, image_size=64)
-        (bank,) = nodes["MaceTrainConceptLoRA"].train(**train_args)
-        erased, erasure = nodes["MaceFuseLoRAs"].fuse(refined, clip, bank, pres, -1.0, -1.0, 0.1)
+        (bank,) = nodes["MaceTrainConceptLoRA"](**train_args)
+        erased, erasure = nodes["MaceFuseLoRAs"](refined, clip, bank, pres, -1.0, -1.0, 0.1)
     return dict(model=model, clip=clip, vae=vae, concepts=concepts, pres=pres, refined=refined, bank=bank,
                 erased=erased, erasure=erasure, before=before, train_args=train_args)
 
@@ -71,14 +67,14 @@ def test_save_load_apply_round_trip(nodes, run):
     from mace_ops.hosts.comfy import ComfyHost
 
     with torch.inference_mode():
-        ui = nodes["MaceSaveErasure"].save(run["erasure"], "mace/inproc")
-        ui2 = nodes["MaceSaveErasure"].save(run["erasure"], "mace/inproc")
-        rel = ui["ui"]["text"][0]
-        assert rel != ui2["ui"]["text"][0]  # a second save never overwrites the first
+        ui = nodes["MaceSaveErasure"](run["erasure"], "mace/inproc")
+        ui2 = nodes["MaceSaveErasure"](run["erasure"], "mace/inproc")
+        rel = ui.ui["text"][0]
+        assert rel != ui2.ui["text"][0]  # a second save never overwrites the first
         assert (Path(folder_paths.get_output_directory()) / rel).is_file()
         choice = "output/" + rel.replace("\\", "/")
-        assert choice in nodes["MaceLoadErasure"].INPUT_TYPES()["required"]["erasure_file"][0]
-        (loaded,) = nodes["MaceLoadErasure"].load(choice)
+        assert choice in nodes["MaceLoadErasure"].cls.INPUT_TYPES()["required"]["erasure_file"][1]["options"]
+        (loaded,) = nodes["MaceLoadErasure"](choice)
         (applied,) = _apply(run["model"], loaded, 1.0)
         (half,) = _apply(run["model"], loaded, 0.5)
     w_erased = ComfyHost(run["erased"]).cross_attention_weights()
@@ -109,12 +105,12 @@ def test_wrong_sockets_and_other_models_are_named(nodes, run, other_tiny_model):
 
     with torch.inference_mode():
         with pytest.raises(MaceError, match="concepts input"):
-            nodes["MaceRefineCrossAttention"].refine(run["model"], run["clip"], "cat", run["pres"], -1.0, -1.0, 0.1)
+            nodes["MaceRefineCrossAttention"](run["model"], run["clip"], "cat", run["pres"], -1.0, -1.0, 0.1)
         with pytest.raises(MaceError, match="refined_model input"):
             args = dict(run["train_args"], original_model=run["model"], refined_model=other_tiny_model())
-            nodes["MaceTrainConceptLoRA"].train(**args)
+            nodes["MaceTrainConceptLoRA"](**args)
         with pytest.raises(MaceError, match="refined_model input"):
-            nodes["MaceFuseLoRAs"].fuse(other_tiny_model(), run["clip"], run["bank"], run["pres"], -1.0, -1.0, 0.1)
+            nodes["MaceFuseLoRAs"](other_tiny_model(), run["clip"], run["bank"], run["pres"], -1.0, -1.0, 0.1)
 
 
 def test_apply_to_an_erased_model_does_not_erase_twice(nodes, run):
@@ -134,10 +130,10 @@ def test_train_honours_interrupt_and_resumes_from_cache(nodes, run):
     with torch.inference_mode():
         comfy.model_management.interrupt_current_processing(True)
         with pytest.raises(comfy.model_management.InterruptProcessingException):
-            nodes["MaceTrainConceptLoRA"].train(**args)
+            nodes["MaceTrainConceptLoRA"](**args)
         comfy.model_management.interrupt_current_processing(False)
-        (first,) = nodes["MaceTrainConceptLoRA"].train(**args)
-        (again,) = nodes["MaceTrainConceptLoRA"].train(**args)  # a re-queue: every concept comes from the cache
+        (first,) = nodes["MaceTrainConceptLoRA"](**args)
+        (again,) = nodes["MaceTrainConceptLoRA"](**args)  # a re-queue: every concept comes from the cache
     for name in first.bank.names:
         assert torch.equal(first.bank.up(name), again.bank.up(name))
         assert torch.equal(first.bank.down(name), again.bank.down(name))
@@ -153,9 +149,9 @@ def test_train_with_user_images_and_masks(nodes, run):
     masks[:, 8:40, 8:40] = 1.0
     args = dict(run["train_args"], seed=11, images=images, masks=masks, images_for="Eiffel Tower")
     with torch.inference_mode():
-        (bank,) = nodes["MaceTrainConceptLoRA"].train(**args)
+        (bank,) = nodes["MaceTrainConceptLoRA"](**args)
         with pytest.raises(MaceError, match="images_for input"):
-            nodes["MaceTrainConceptLoRA"].train(**dict(args, images_for="not a concept"))
+            nodes["MaceTrainConceptLoRA"](**dict(args, images_for="not a concept"))
     assert set(bank.losses) == {"cat", "Eiffel Tower"}
     assert all(len(v) == 2 and all(x == x for x in v) for v in bank.losses.values())
 
@@ -228,9 +224,9 @@ def test_fuse_external_loras_node_fuses_files_from_the_loras_folder(nodes, tiny_
     folder_paths.add_model_folder_path("loras", str(folder))
 
     with torch.inference_mode():
-        (concepts,) = nodes["MaceConceptList"].build("cat -> a dog\nMonet -> art :: style", "object", "a thing", "none")
-        (pres,) = nodes["MacePreservationSet"].build(clip, "none", "a photo of a house\na red car", "", "object")
-        erased, erasure, report = nodes["MaceFuseExternalLoRAs"].fuse(
+        (concepts,) = nodes["MaceConceptList"]("cat -> a dog\nMonet -> art :: style", "object", "a thing", "none")
+        (pres,) = nodes["MacePreservationSet"](clip, "none", "a photo of a house\na red car", "", "object")
+        erased, erasure, report = nodes["MaceFuseExternalLoRAs"](
             model, clip, concepts, pres, "a.safetensors\nb.safetensors", False, 2.0, 0.0, 0.1)
         loras = [read_external_lora(folder / f, shapes) for f in ("a.safetensors", "b.safetensors")]
         want = fuse_external_loras(host, concepts.concepts, loras, pres.statistics.groups(2.0, 0.0), 0.1)
@@ -240,38 +236,14 @@ def test_fuse_external_loras_node_fuses_files_from_the_loras_folder(nodes, tiny_
         assert "Monet (style): b.safetensors, diffusers keys" in report
         assert ComfyHost(erased).cross_attention_weights().keys() == want.keys()
         with pytest.raises(MaceError, match="attn1"):
-            nodes["MaceFuseExternalLoRAs"].fuse(model, clip, concepts, pres, "c.safetensors\nb.safetensors",
-                                               False, 2.0, 0.0, 0.1)
-        *_, report = nodes["MaceFuseExternalLoRAs"].fuse(model, clip, concepts, pres, "c.safetensors\nb.safetensors",
-                                                         True, 2.0, 0.0, 0.1)
+            nodes["MaceFuseExternalLoRAs"](model, clip, concepts, pres, "c.safetensors\nb.safetensors",
+                                           False, 2.0, 0.0, 0.1)
+        *_, report = nodes["MaceFuseExternalLoRAs"](model, clip, concepts, pres, "c.safetensors\nb.safetensors",
+                                                    True, 2.0, 0.0, 0.1)
         assert "ignored 1: " + attn1[len("lora_unet_"):] in report
         with pytest.raises(MaceError, match="not in the loras folder"):
-            nodes["MaceFuseExternalLoRAs"].fuse(model, clip, concepts, pres, "missing.safetensors\nb.safetensors",
-                                               False, 2.0, 0.0, 0.1)
-
-
-def test_apply_erasure_runs_on_the_v3_schema_as_the_classic_node_did(nodes, run):
-    """The V3 pilot: ComfyUI sees a comfy_api.latest node under the same id, with the classic node's inputs,
-    output and display name, and it patches the model exactly as the classic class does."""
-    from comfy_api.latest import io
-
-    MaceApplyErasure = sys.modules["mace_pack.nodes.mace_nodes"].MaceApplyErasure  # the classic class
-
-    cls = sys.modules["mace_pack"].NODE_CLASS_MAPPINGS["MaceApplyErasure"]
-    assert issubclass(cls, io.ComfyNode)
-    info = cls.GET_NODE_INFO_V1()
-    classic = MaceApplyErasure.INPUT_TYPES()["required"]
-    assert list(info["input"]["required"]) == list(classic)
-    assert [v[0] for v in info["input"]["required"].values()] == ["MODEL", "MACE_ERASURE", "FLOAT"]
-    assert info["input"]["required"]["strength"][1]["max"] == classic["strength"][1]["max"]
-    assert info["output"] == ["MODEL"] and info["display_name"] == "Apply Erasure" and info["category"] == "MACE"
-    with torch.inference_mode():
-        (v3,) = _apply(run["model"], run["erasure"], 0.5)
-        (v1,) = MaceApplyErasure().apply(run["model"], run["erasure"], 0.5)
-    from mace_ops.hosts.comfy import ComfyHost
-
-    a, b = ComfyHost(v3).cross_attention_weights(), ComfyHost(v1).cross_attention_weights()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+            nodes["MaceFuseExternalLoRAs"](model, clip, concepts, pres, "missing.safetensors\nb.safetensors",
+                                           False, 2.0, 0.0, 0.1)
 
 
 def test_robustness_probe_node_reports_every_attack_and_leaves_models_untouched(nodes, run, tmp_path):
@@ -283,10 +255,10 @@ def test_robustness_probe_node_reports_every_attack_and_leaves_models_untouched(
     # effective weights (ComfyUI keeps a sampled clone's patches in the shared module until it unloads it)
     before = {m: ComfyHost(run[m]).cross_attention_weights() for m in ("model", "erased")}
     with torch.inference_mode():
-        out = nodes["MaceRobustnessProbe"].probe(
+        out = nodes["MaceRobustnessProbe"](
             run["model"], run["erased"], run["clip"], run["vae"], run["erasure"], "cat: a small feline", "none",
             str(prompt_file), 5, "a photo of a house", 2, 2, 0, 2, 7.5, 64)
-    grids, text = out["result"]
+    grids, text = out.args
     assert grids.ndim == 4 and grids.shape[-1] == 3 and grids.shape[0] >= 4
     for attack in ("| own |", "| paraphrase |", "| file:attack |", "| relearning |"):
         assert attack in text

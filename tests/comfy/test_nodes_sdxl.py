@@ -28,12 +28,9 @@ def nodes(comfy_lib, tmp_path_factory):
     folder_paths.set_output_directory(str(base / "output"))
     folder_paths.set_user_directory(str(base / "user"))
     folder_paths.set_temp_directory(str(base / "temp"))
-    if "mace_pack" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("mace_pack", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["mace_pack"] = mod
-        spec.loader.exec_module(mod)
-    return {k: cls() for k, cls in sys.modules["mace_pack"].NODE_CLASS_MAPPINGS.items()}
+    from _v3_nodes import v3_nodes
+
+    return v3_nodes(ROOT)
 
 
 def _state(patcher):
@@ -56,21 +53,20 @@ def run(nodes, sdxl_parts):
     """Concept List -> Preservation Set -> Refine -> Train -> Fuse -> Save -> Load -> Apply -> Preview."""
     model, clip, vae = sdxl_parts
     before = _state(model)
-    apply_cls = sys.modules["mace_pack"].NODE_CLASS_MAPPINGS["MaceApplyErasure"]
     with torch.inference_mode():
-        (concepts,) = nodes["MaceConceptList"].build("cat -> a dog\nEiffel Tower -> a tower", "object", "a thing", "none")
-        (pres,) = nodes["MacePreservationSet"].build(clip, "none", "a photo of a house\na red car", "", "object")
-        (refined,) = nodes["MaceRefineCrossAttention"].refine(model, clip, concepts, pres, -1.0, -1.0, 0.1)
-        (bank,) = nodes["MaceTrainConceptLoRA"].train(
+        (concepts,) = nodes["MaceConceptList"]("cat -> a dog\nEiffel Tower -> a tower", "object", "a thing", "none")
+        (pres,) = nodes["MacePreservationSet"](clip, "none", "a photo of a house\na red car", "", "object")
+        (refined,) = nodes["MaceRefineCrossAttention"](model, clip, concepts, pres, -1.0, -1.0, 0.1)
+        (bank,) = nodes["MaceTrainConceptLoRA"](
             original_model=model, refined_model=refined, clip=clip, vae=vae, concepts=concepts, steps=2,
             learning_rate=1e-3, rank=1, seed=0, batch_size=1, images_per_concept=1, sample_steps=2, cfg=7.5,
             image_size=64)
-        erased, erasure = nodes["MaceFuseLoRAs"].fuse(refined, clip, bank, pres, -1.0, -1.0, 0.1)
-        rel = nodes["MaceSaveErasure"].save(erasure, "mace/sdxl")["ui"]["text"][0]
-        (loaded,) = nodes["MaceLoadErasure"].load("output/" + rel.replace("\\", "/"))
-        (applied,) = tuple(apply_cls.execute(model, loaded, 1.0).args)
-        preview = nodes["MaceErasurePreview"].preview(model, erased, clip, vae, loaded, "a photo of a house", 1, 0, 2,
-                                                      5.0, 64)
+        erased, erasure = nodes["MaceFuseLoRAs"](refined, clip, bank, pres, -1.0, -1.0, 0.1)
+        rel = nodes["MaceSaveErasure"](erasure, "mace/sdxl").ui["text"][0]
+        (loaded,) = nodes["MaceLoadErasure"]("output/" + rel.replace("\\", "/"))
+        (applied,) = nodes["MaceApplyErasure"](model, loaded, 1.0)
+        preview = nodes["MaceErasurePreview"](model, erased, clip, vae, loaded, "a photo of a house", 1, 0, 2,
+                                              5.0, 64)
     return dict(model=model, before=before, refined=refined, bank=bank, erased=erased, erasure=erasure,
                 applied=applied, preview=preview)
 
@@ -101,7 +97,7 @@ def test_sdxl_passes_all_nine_nodes_and_the_input_model_stays_bit_identical(run)
         torch.testing.assert_close(w_applied[n], w, rtol=0, atol=1e-6)
     assert set(run["bank"].losses) == {"cat", "Eiffel Tower"}
     assert all(len(v) == 2 and all(x == x for x in v) for v in run["bank"].losses.values())
-    rows, text = run["preview"]["result"]
+    rows, text = run["preview"].args
     assert rows.shape == (2, 64, 128, 3) and "cat -> a dog" in text
 
 
@@ -124,9 +120,9 @@ def test_stock_checkpoint_save_and_load_carry_the_erased_weights(nodes, comfy_li
                                           head_channels=64, text_config={"num_hidden_layers": 3},
                                           dtype=torch.float16)
     with torch.inference_mode():
-        (concepts,) = nodes["MaceConceptList"].build("cat -> a dog", "object", "a thing", "none")
-        (pres,) = nodes["MacePreservationSet"].build(clip, "none", "a photo of a house", "", "object")
-        (erased,) = nodes["MaceRefineCrossAttention"].refine(model, clip, concepts, pres, -1.0, -1.0, 0.1)
+        (concepts,) = nodes["MaceConceptList"]("cat -> a dog", "object", "a thing", "none")
+        (pres,) = nodes["MacePreservationSet"](clip, "none", "a photo of a house", "", "object")
+        (erased,) = nodes["MaceRefineCrossAttention"](model, clip, concepts, pres, -1.0, -1.0, 0.1)
     want = ComfyHost(erased).cross_attention_weights()
     w0 = ComfyHost(model).cross_attention_weights()
     assert all(not torch.equal(want[n], w0[n]) for n in w0)
@@ -162,10 +158,9 @@ MINIMAL = {
 }
 
 
-def _run_api_graph(api: dict, loader_outputs: tuple) -> dict[str, tuple]:
+def _run_api_graph(api: dict, loader_outputs: tuple, nodes: dict) -> dict[str, tuple]:
     """Execute an API-format graph in process, in dependency order, as ComfyUI's executor calls nodes:
     the checkpoint loader yields ``loader_outputs``; CheckpointSave and PreviewImage only record their inputs."""
-    classes = sys.modules["mace_pack"].NODE_CLASS_MAPPINGS
     done: dict[str, tuple] = {}
     while len(done) < len(api):
         ready = [k for k, n in api.items() if k not in done and all(
@@ -179,11 +174,8 @@ def _run_api_graph(api: dict, loader_outputs: tuple) -> dict[str, tuple]:
                 done[key] = loader_outputs
             elif kind in ("CheckpointSave", "PreviewImage"):
                 done[key] = (inputs,)
-            elif hasattr(classes[kind], "execute"):  # a V3 node
-                done[key] = tuple(classes[kind].execute(**inputs).args)
-            else:
-                out = getattr(classes[kind](), classes[kind].FUNCTION)(**inputs)
-                done[key] = tuple(out["result"]) if isinstance(out, dict) else tuple(out)
+            else:  # our V3 nodes
+                done[key] = tuple(nodes[kind](**inputs).args)
     return done
 
 
@@ -205,7 +197,7 @@ def test_the_sdxl_workflow_graph_runs_on_an_sdxl_model(nodes, sdxl_parts):
         if node["class_type"] == "MaceConceptList":
             node["inputs"]["concepts"] = "\n".join(node["inputs"]["concepts"].splitlines()[:2])
     with torch.inference_mode():
-        done = _run_api_graph(api, sdxl_parts)
+        done = _run_api_graph(api, sdxl_parts, nodes)
     kinds = {n["class_type"]: k for k, n in api.items()}
     (saved,) = done[kinds["CheckpointSave"]]
     (shown,) = done[kinds["PreviewImage"]]
@@ -226,17 +218,16 @@ def test_an_sd2_model_passes_the_erasure_nodes_unchanged(nodes, sd2_parts):
 
     model, clip, vae = sd2_parts
     before = _state(model)
-    apply_cls = sys.modules["mace_pack"].NODE_CLASS_MAPPINGS["MaceApplyErasure"]
     with torch.inference_mode():
-        (concepts,) = nodes["MaceConceptList"].build("cat -> a dog", "object", "a thing", "none")
-        (pres,) = nodes["MacePreservationSet"].build(clip, "none", "a photo of a house\na red car", "", "object")
-        (refined,) = nodes["MaceRefineCrossAttention"].refine(model, clip, concepts, pres, -1.0, -1.0, 0.1)
-        (bank,) = nodes["MaceTrainConceptLoRA"].train(
+        (concepts,) = nodes["MaceConceptList"]("cat -> a dog", "object", "a thing", "none")
+        (pres,) = nodes["MacePreservationSet"](clip, "none", "a photo of a house\na red car", "", "object")
+        (refined,) = nodes["MaceRefineCrossAttention"](model, clip, concepts, pres, -1.0, -1.0, 0.1)
+        (bank,) = nodes["MaceTrainConceptLoRA"](
             original_model=model, refined_model=refined, clip=clip, vae=vae, concepts=concepts, steps=1,
             learning_rate=1e-3, rank=1, seed=0, batch_size=1, images_per_concept=1, sample_steps=1, cfg=7.5,
             image_size=64)
-        erased, erasure = nodes["MaceFuseLoRAs"].fuse(refined, clip, bank, pres, -1.0, -1.0, 0.1)
-        (applied,) = tuple(apply_cls.execute(model, erasure, 1.0).args)
+        erased, erasure = nodes["MaceFuseLoRAs"](refined, clip, bank, pres, -1.0, -1.0, 0.1)
+        (applied,) = nodes["MaceApplyErasure"](model, erasure, 1.0)
         comfy.model_management.load_models_gpu([model])
     host = ComfyHost(model)
     assert host.family is SD2

@@ -239,12 +239,33 @@ def _only(folder: Path, pattern: str) -> Path:
     return files[0]
 
 
-def test_nodes_are_registered(server):
+def test_nodes_are_registered_as_v3_nodes_from_the_table(server):
+    """/object_info lists every MACE node (loaded through comfy_entrypoint) exactly as its table row declares it:
+    inputs with every option, hidden inputs, outputs, display name; from this pack's folder."""
+    from _v3_nodes import load_pack
+
+    table = load_pack(REPO)
     info = server.get("/object_info")
     mace = {k: v for k, v in info.items() if v.get("category") == "MACE"}
-    assert {v["display_name"] for v in mace.values()} == {
-        "MACE Concept List", "MACE Preservation Set", "Refine Cross-Attention", "Train Concept LoRA", "Fuse LoRAs",
-        "Fuse External LoRAs", "Apply Erasure", "Save Erasure", "Load Erasure", "MACE Erasure Preview", "MACE Robustness Probe"}
+    assert set(mace) == {spec.node_id for spec in table.NODES}
+    for spec in table.NODES:
+        got, want = mace[spec.node_id], json.loads(json.dumps(spec.v1_input()))
+        if spec.node_id == "MaceLoadErasure":  # the server's files (the run's saved erasure), not this process's
+            files = got["input"]["required"]["erasure_file"][1]["options"]
+            assert all(f.startswith(("output/mace/", "loras/")) for f in files)
+            want["required"]["erasure_file"][1]["options"] = files
+        assert got["input"] == want, spec.node_id
+        assert got["input_order"]["required"] == [i.name for i in spec.inputs if not i.optional]
+        assert (got["display_name"], got["output"], got["output_name"]) == (
+            spec.display_name, [o.type for o in spec.outputs], [o.name for o in spec.outputs])
+        assert got["python_module"] == "custom_nodes.mace" and got["output_node"] == spec.output_node
+
+
+def test_the_train_node_names_itself_in_its_progress_events(mace_run):
+    """Its hidden UNIQUE_ID (the graph's node id "5") is the ``node`` of every mace.train.progress event."""
+    events = [e["data"] for e in mace_run["ws_events"] if e.get("type") == "mace.train.progress"]
+    assert events and {e["node"] for e in events} == {"5"}
+    assert "train" in {e["stage"] for e in events}
 
 
 def test_template_browser_lists_each_example_workflow_once_with_its_thumbnail(server):
