@@ -88,7 +88,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                         "cuda:0..N-1)")
     p.add_argument("--ray", metavar="ADDRESS",
                    help="train on a Ray cluster: 'auto' (a running cluster, e.g. after `ray start --head`), "
-                        "HOST:PORT, or 'local' (start one on this machine); needs pip install 'comfyui-mace[ray]'")
+                        "HOST:PORT, or 'local' (start one on this machine); needs pip install 'mass-concept-erasure[ray]'")
     p.add_argument("--ray-gpus", type=float, default=None,
                    help="GPUs per Ray task (fractions share a GPU); default 1 with --device cuda, else 0")
 

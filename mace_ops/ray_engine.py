@@ -10,7 +10,7 @@ process or node died (``max_retries``; a task that raises is retried too: ``retr
 returns each result (factors and losses, a few MB) to the driver through its object store, so the
 machines need no shared file system; the model must be loadable on each (``HostRecipe``). The shared
 part of the job (W1, the host recipe) is put into the object store once. Ray is an optional
-dependency: ``pip install "comfyui-mace[ray]"``.
+dependency: ``pip install "mass-concept-erasure[ray]"``.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def import_ray() -> Any:
     try:
         import ray
     except ImportError as e:
-        raise MaceError("--ray needs the optional 'ray' package: pip install 'comfyui-mace[ray]' "
+        raise MaceError("--ray needs the optional 'ray' package: pip install 'mass-concept-erasure[ray]' "
                         "(or pip install 'ray[default]')") from e
     return ray
 
