@@ -9,6 +9,7 @@ import types
 from pathlib import Path
 
 import pytest
+from _pack import load_pack
 
 from mace_ops.concepts import list_presets, load_preset, parse_concept_list
 from mace_ops.errors import MaceError
@@ -19,12 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _web_api():
     """nodes/web_api.py, imported as part of the pack the way ComfyUI imports the pack folder."""
-    if "mace_pack" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("mace_pack", ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["mace_pack"] = mod
-        spec.loader.exec_module(mod)
+    load_pack()
     return importlib.import_module("mace_pack.nodes.web_api")
 
 

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _pack import load_pack
 
 ROOT = Path(__file__).resolve().parents[1]
 WEB = ROOT / "web"
@@ -22,14 +23,8 @@ FORMAT_JS = (WEB / "mace_format.js").read_text(encoding="utf-8")
 
 @pytest.fixture(scope="module")
 def pack():
-    """The pack, imported at test time the way ComfyUI imports the folder (see tests/test_web_api.py)."""
-    if "mace_pack" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("mace_pack", ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(ROOT)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["mace_pack"] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules["mace_pack"]
+    """The pack, imported at test time the way ComfyUI imports the folder."""
+    return load_pack()
 
 
 @pytest.fixture(scope="module")
