@@ -122,6 +122,15 @@ def refine_cross_attention(model, clip, concepts, preservation, preserve_weight,
     return (host.with_weights(w1).model,)
 
 
+def _same_base(derived, original, what: str, fix: str) -> None:
+    """Refuse a MODEL input whose base checkpoint (``model_fingerprint``) is not ``original``'s, naming both."""
+    from mace_ops.errors import MaceError
+
+    if derived.model_fingerprint() != original.model_fingerprint():
+        raise MaceError(f"{what} base model {derived.model_fingerprint()[:12]}, but original_model is "
+                        f"{original.model_fingerprint()[:12]}; {fix}")
+
+
 def train_concept_lora(original_model, refined_model, clip, vae, concepts, steps, learning_rate, rank, seed,
                        batch_size, images_per_concept, sample_steps, cfg, image_size, images=None, masks=None,
                        images_for="", unique_id=None):
@@ -129,7 +138,6 @@ def train_concept_lora(original_model, refined_model, clip, vae, concepts, steps
     import dataclasses
 
     from mace_ops.data import generate_training_data
-    from mace_ops.errors import MaceError
     from mace_ops.hosts.comfy import ComfyHost
     from mace_ops.train import train_concept_loras
 
@@ -139,11 +147,8 @@ def train_concept_lora(original_model, refined_model, clip, vae, concepts, steps
     cv = _need(concepts, ConceptsValue, "concepts", "MACE Concept List")
     original = ComfyHost(original_model, clip, vae)
     refined = ComfyHost(refined_model, clip, vae)
-    if refined.model_fingerprint() != original.model_fingerprint():
-        raise MaceError(
-            f"refined_model input: refined from base model {refined.model_fingerprint()[:12]}, but original_model "
-            f"is {original.model_fingerprint()[:12]}; connect the MODEL that went into Refine Cross-Attention"
-        )
+    _same_base(refined, original, "refined_model input: refined from",
+               "connect the MODEL that went into Refine Cross-Attention")
     train_cfg = cv.settings.train
     train_cfg = dataclasses.replace(
         train_cfg,
@@ -326,7 +331,6 @@ def erasure_preview(original_model, erased_model, clip, vae, erasure, preserved_
     import torch
 
     from mace_ops.concepts import concept_prompt_pairs
-    from mace_ops.errors import MaceError
     from mace_ops.hosts.comfy import ComfyHost
     from mace_ops.report import kv_metrics
 
@@ -335,11 +339,7 @@ def erasure_preview(original_model, erased_model, clip, vae, erasure, preserved_
     ev = _need(erasure, ErasureValue, "erasure", "Fuse LoRAs or Load Erasure")
     before = ComfyHost(original_model, clip, vae)
     after = ComfyHost(erased_model, clip, vae)
-    if after.model_fingerprint() != before.model_fingerprint():
-        raise MaceError(
-            f"erased_model input: derived from base model {after.model_fingerprint()[:12]}, but original_model "
-            f"is {before.model_fingerprint()[:12]}; connect the model the erasure was made from"
-        )
+    _same_base(after, before, "erased_model input: derived from", "connect the model the erasure was made from")
     concepts = list(ev.erasure.concepts)
     kept = _lines(preserved_prompts)
     numbers = kv_metrics(before.cross_attention_weights(), after.cross_attention_weights(), before.encode,
@@ -378,17 +378,13 @@ def robustness_probe(original_model, erased_model, clip, vae, erasure, paraphras
     import tempfile
     from pathlib import Path
 
-    from mace_ops.errors import MaceError
     from mace_ops.hosts.comfy import ComfyHost
     from mace_ops.probe import ProbeSettings, run_probe
     from mace_ops.probe_cli import nudenet_judge, parse_paraphrases
 
     ev = _need(erasure, ErasureValue, "erasure", "Fuse LoRAs or Load Erasure")
     before, after = ComfyHost(original_model, clip, vae), ComfyHost(erased_model, clip, vae)
-    if after.model_fingerprint() != before.model_fingerprint():
-        raise MaceError(f"erased_model input: derived from base model {after.model_fingerprint()[:12]}, but "
-                        f"original_model is {before.model_fingerprint()[:12]}; connect the model the erasure "
-                        "was made from")
+    _same_base(after, before, "erased_model input: derived from", "connect the model the erasure was made from")
     concepts, files = _probe_inputs(ev, parse_paraphrases(paraphrases, "paraphrases input"),
                                                 prompt_file, prompt_file_path, int(prompt_limit))
     relearn = _lines(relearn_prompts)
