@@ -3,13 +3,13 @@ same declarations is checked on a real ComfyUI (tests/comfy/test_nodes_v3.py).""
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from _pack import load_pack
 
 ROOT = Path(__file__).resolve().parents[1]
 CUSTOM = ("MACE_CONCEPTS", "MACE_PRESERVATION", "MACE_LORA_BANK", "MACE_ERASURE")
@@ -34,20 +34,9 @@ LOAD_PACK = (
 )
 
 
-def _load_pack():
-    """Import the pack's top-level __init__.py the way ComfyUI does (a package from a file location)."""
-    if "mace_pack" in sys.modules:
-        return sys.modules["mace_pack"]
-    spec = importlib.util.spec_from_file_location("mace_pack", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["mace_pack"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
 def pack():
-    return _load_pack()
+    return load_pack()
 
 
 def test_import_is_light_and_needs_no_comfyui():

@@ -8,20 +8,10 @@ the ``io.NodeOutput`` of the class's ``execute`` (unpacks like a tuple; ``.ui`` 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import sys
 from pathlib import Path
 from typing import Any
 
-
-def load_pack(root: Path) -> Any:
-    if "mace_pack" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("mace_pack", root / "__init__.py",
-                                                      submodule_search_locations=[str(root)])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["mace_pack"] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules["mace_pack"]
+from _pack import load_pack  # tests/ is on sys.path: pytest puts tests/conftest.py's folder there
 
 
 def v3_classes(root: Path) -> dict[str, type]:
