@@ -292,12 +292,27 @@ def apply_erasure_weights(
     return out
 
 
+def apply_label_emb_diff(original: Tensor | None, diff: Tensor, strength: float = 1.0, *,
+                         model: str = "this model") -> Tensor:
+    """SDXL's pooled channel: ``L0 + strength · diff`` (float32) for ``original`` = ``label_emb.0.0.weight``
+    L0 (d_t, 2816) of the model the erasure is applied to; ``MaceError`` when the model has no label_emb of
+    the diff's shape (``original`` None, e.g. SD1.x / SD2.x, or another width)."""
+    if original is None or tuple(original.shape) != tuple(diff.shape):
+        have = "no label_emb" if original is None else f"a label_emb of shape {tuple(original.shape)}"
+        raise MaceError(f"model input: the erasure also edits SDXL's pooled channel (a label_emb difference of "
+                        f"shape {tuple(diff.shape)}), but {model} has {have}; connect the SDXL checkpoint the "
+                        "erasure was made from")
+    return original.detach().float() + float(strength) * diff.to(original.device).float()
+
+
 __all__ = [
     "ERASURE_FORMAT",
     "ERASURE_FORMAT_VERSION",
     "ERASURE_KEY_PREFIX",
     "Erasure",
+    "LABEL_EMB_NAME",
     "apply_erasure_weights",
+    "apply_label_emb_diff",
     "canonical_metadata",
     "concept_dicts",
     "erasure_key",

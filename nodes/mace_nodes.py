@@ -275,19 +275,25 @@ def fuse_external_loras(model, clip, concepts, preservation, lora_files, allow_o
 
 
 def apply_erasure(model, erasure, strength):
-    from mace_ops.erasure import apply_erasure_weights
+    """The erasure's to_k/to_v differences and, when it carries one, its SDXL ``label_emb`` difference,
+    times ``strength``, on the weights of the base model before any MACE edit (a patched clone)."""
+    from mace_ops.erasure import apply_erasure_weights, apply_label_emb_diff
     from mace_ops.errors import MaceError
     from mace_ops.hosts.comfy import ComfyHost
 
     ev = _need(erasure, ErasureValue, "erasure", "Fuse LoRAs or Load Erasure")
     host = ComfyHost(model)
+    label = getattr(ev.erasure, "label_emb_diff", None)
+    if label is not None:  # refused first: an SD1.x / SD2.x model has no pooled channel at all
+        label = apply_label_emb_diff(host.original_label_emb_weight(), label, float(strength),
+                                     model=f"this {host.family.name} model")
     mine, theirs = host.model_fingerprint(), ev.erasure.base_fingerprint
     if mine != theirs:
         raise MaceError(f"model input: this erasure was made for base model {theirs}, but this model is {mine}; "
                         "connect the checkpoint the erasure was made from")
     base = host.original_weights()  # a MACE-edited MODEL: the weights before the edit (no double erasure)
     weights = apply_erasure_weights(base, ev.diffs, float(strength))
-    return (host.with_weights({n: weights[n] for n in ev.diffs}).model,)
+    return (host.with_weights({n: weights[n] for n in ev.diffs}, label_emb=label).model,)
 
 
 def save_erasure(erasure, filename_prefix):
@@ -354,8 +360,23 @@ def erasure_preview(original_model, erased_model, clip, vae, erasure, preserved_
         rows = torch.cat([before.to_comfy_image(imgs_b), before.to_comfy_image(imgs_a)], dim=2)  # (B, H, 2W, 3)
     else:
         rows = torch.zeros(1, 64, 128, 3)
-    text = _report_text(numbers, prompts)
+    text = _report_text(numbers, prompts) + _pooled_channel_text(ev, before, after)
     return {"ui": {UI_TEXT: [text]}, "result": (rows, text)}
+
+
+def _pooled_channel_text(ev: Any, before: Any, after: Any) -> str:
+    """The preview's paragraph on SDXL's pooled channel when the erasure edits it: the share of the erasure's
+    ``label_emb`` difference D that erased_model carries, ``<L1 - L0, D> / <D, D>`` (1: all of it, 0: none)."""
+    label = getattr(ev.erasure, "label_emb_diff", None)
+    if label is None:
+        return ""
+    w0, w1 = before.label_emb_weight(), after.label_emb_weight()
+    head = "\n\nPooled channel (SDXL label_emb): the erasure edits it"
+    if w0 is None or w1 is None or tuple(w0.shape) != tuple(label.shape):
+        return f"{head}, but these models have no label_emb of its shape {tuple(label.shape)}"
+    share = float(((w1 - w0).double() * label.double()).sum() / (label.double().square().sum() + 1e-300))
+    hint = "" if share > 0.5 else " (connect the MODEL of Apply Erasure as erased_model to see the whole erasure)"
+    return f"{head}; erased_model carries {share:.3f} of that edit (1 = all){hint}"
 
 
 def _report_text(numbers: dict[str, Any], prompts: list[str]) -> str:

@@ -293,12 +293,14 @@ NODES: tuple[NodeSpec, ...] = (
     ),
     NodeSpec(
         "MaceApplyErasure", "Apply Erasure",
-        "Apply a MACE erasure to the base model it was made for (refuses any other model).",
+        "Apply a MACE erasure to the base model it was made for (refuses any other model): its to_k/to_v "
+        "differences and, for an SDXL erasure that edits the pooled channel, its label_emb difference.",
         inputs=(
             In("model", "MODEL", "The base model the erasure was made for."), ERASURE_IN,
             _float("strength", 1.0, 0.0, 2.0, 0.05, "1 = the erasure as made; 0 = no change; in between blends."),
         ),
-        outputs=(Out("MODEL", "model", "A patched clone with the erased to_k/to_v (the input MODEL is untouched)."),),
+        outputs=(Out("MODEL", "model", "A patched clone with the erased to_k/to_v (and label_emb) (the input MODEL "
+                     "is untouched)."),),
         run=run.apply_erasure,
     ),
     NodeSpec(

@@ -100,3 +100,30 @@ def test_metadata_round_trip_and_refusals():
         Erasure.from_metadata({**meta, "mace.format_version": "99"})
     with pytest.raises(MaceError, match="corrupt metadata"):
         Erasure.from_metadata({**meta, "mace.settings": "{not json"})
+
+
+def test_label_emb_difference_round_trips_and_applies_by_strength(tmp_path):
+    """SDXL's pooled channel: the label_emb difference is written under ComfyUI's diff key, read back
+    bit for bit, and ``apply_label_emb_diff`` gives L0 + s·D (checked elementwise against a loop) or refuses
+    a model without a label_emb of that shape, naming the input."""
+    from safetensors.torch import load_file
+
+    from mace_ops.erasure import apply_label_emb_diff
+
+    g = torch.Generator().manual_seed(1)
+    w0 = _weights()
+    erasure = Erasure.build({n: w + 0.5 for n, w in w0.items()}, base_fingerprint="f", concepts=CONCEPTS,
+                            source="run_erasure", settings={})
+    erasure.label_emb_diff = torch.randn(4, 6, generator=g)
+    path = save_erasure(erasure, w0, tmp_path / "e.safetensors")
+    assert torch.equal(load_file(str(path))["diffusion_model.label_emb.0.0.diff"], erasure.label_emb_diff)
+    loaded, diffs = load_erasure(path)
+    assert torch.equal(loaded.label_emb_diff, erasure.label_emb_diff) and set(diffs) == set(w0)
+    base = torch.randn(4, 6, generator=g)
+    got = apply_label_emb_diff(base, loaded.label_emb_diff, 0.3)
+    for i in range(4):
+        for j in range(6):
+            assert abs(float(got[i, j]) - (float(base[i, j]) + 0.3 * float(erasure.label_emb_diff[i, j]))) < 1e-6
+    for bad in (None, torch.zeros(4, 5)):
+        with pytest.raises(MaceError, match=r"model input: .*label_emb difference of shape \(4, 6\).*connect the SDXL"):
+            apply_label_emb_diff(bad, loaded.label_emb_diff, 1.0, model="this sd1 model")

@@ -21,8 +21,10 @@ patches applied, computed on a float32 CPU copy with ComfyUI's ``comfy.lora.calc
 unpatched tensor comes from the patcher's backup when another clone of the same module is currently
 loaded with its patches in place. ``with_weights(W)`` returns a host on ``model.clone()`` with the
 patches ``W - W_current`` (ComfyUI's full-difference patch), so every other view of the MODEL is
-untouched. The clone carries the weights it started from (before any MACE edit) as a patcher
-attachment (``"mace_base"``): ``original_weights()`` of hosts made from it, e.g. in a later node.
+untouched; ``with_weights(W, label_emb=L)`` (``with_label_emb``) patches SDXL's ``label_emb.0.0.weight``
+(the pooled channel) the same way. The clone carries the weights it started from (before any MACE edit) as
+a patcher attachment (``"mace_base"``): ``original_weights()`` / ``original_label_emb_weight()`` of hosts
+made from it, e.g. in a later node.
 ``model_fingerprint()`` identifies the checkpoint: the hash of the to_k/to_v as loaded, without any
 patch, so a MODEL keeps its fingerprint through MACE edits and LoRAs.
 
@@ -89,6 +91,8 @@ from .base import (
 
 #: key prefix of the UNet in a ComfyUI model's state (model.diffusion_model.<path>.weight in a checkpoint file)
 COMFY_UNET_PREFIX = "diffusion_model."
+#: SDXL's pooled channel, the first linear layer of ``label_emb`` (``mace_ops.pooled``)
+LABEL_EMB_KEY = f"{COMFY_UNET_PREFIX}label_emb.0.0.weight"
 ATTACHMENT = "mace_base"
 #: input_blocks.<i>.<j>.transformer_blocks.<t>.attn2 | middle_block.<j>.transformer_blocks.<t>.attn2 | output_...
 _BLOCK_RE = re.compile(
@@ -428,19 +432,48 @@ class ComfyHost:
         names = matrix_names(list(self._modules))
         return {n: effective_weight(model, f"{COMFY_UNET_PREFIX}{n}.weight") for n in names}
 
-    def with_weights(self, weights: Mapping[str, Tensor]) -> ComfyHost:
-        """A host on ``model.clone()`` whose to_k/to_v are ``weights`` (missing names keep this host's);
-        the patches are the differences to this host's weights. This host's MODEL is untouched."""
+    def label_emb_weight(self) -> Tensor | None:
+        """The effective (patched) ``label_emb.0.0.weight`` (SDXL: (d_t, 2816)), float32 CPU copy; None when
+        the UNet has no ``label_emb`` linear layer (SD1.x, SD2.x)."""
+        model = self._need_model()
+        layer = getattr(getattr(model.model.diffusion_model, "label_emb", None), "0", None)
+        if not isinstance(getattr(layer, "0", None), nn.Linear):
+            return None
+        return effective_weight(model, LABEL_EMB_KEY)
+
+    def original_label_emb_weight(self) -> Tensor | None:
+        """``label_emb.0.0.weight`` of the base model this MODEL was derived from by MACE (as
+        ``original_weights``); None without ``label_emb``."""
+        att = self._attachment()
+        if att is not None and att.get("label_emb") is not None:
+            return att["label_emb"].clone()
+        return self.label_emb_weight()
+
+    def with_label_emb(self, weight: Tensor) -> ComfyHost:
+        """``with_weights({}, label_emb=weight)``: only SDXL's pooled channel changes."""
+        return self.with_weights({}, label_emb=weight)
+
+    def with_weights(self, weights: Mapping[str, Tensor], *, label_emb: Tensor | None = None) -> ComfyHost:
+        """A host on ``model.clone()`` whose to_k/to_v are ``weights`` (missing names keep this host's) and,
+        with ``label_emb``, whose ``label_emb.0.0.weight`` is that; the patches are the differences to this
+        host's weights. This host's MODEL is untouched."""
         current = self.cross_attention_weights()
         check_matrix_names("weights", weights, current)
         check_weight_shapes(weights, {n: tuple(w.shape) for n, w in current.items()})
-        base = {"weights": self._original_weights(current)}  # current is never written below
+        base = {"weights": self._original_weights(current), "label_emb": self.original_label_emb_weight()}
         clone = self.model.clone()
         with torch.inference_mode(False):
             diffs = {
                 f"{COMFY_UNET_PREFIX}{n}.weight": (w.detach().to("cpu", torch.float32) - current[n],)
                 for n, w in weights.items()
             }
+            if label_emb is not None:
+                now = self.label_emb_weight()
+                if now is None or tuple(now.shape) != tuple(label_emb.shape):
+                    raise MaceError(f"MODEL input: a label_emb weight of shape {tuple(label_emb.shape)} does not "
+                                    f"fit this {self.family.name} model (its label_emb: "
+                                    f"{None if now is None else tuple(now.shape)}); use an SDXL base model")
+                diffs[LABEL_EMB_KEY] = (label_emb.detach().to("cpu", torch.float32) - now,)
         added = clone.add_patches(diffs, 1.0, 1.0)
         if len(added) != len(diffs):
             raise MaceError("MODEL input: ComfyUI did not accept the weight patches (unexpected key layout)")

@@ -238,3 +238,63 @@ def test_an_sd2_model_passes_the_erasure_nodes_unchanged(nodes, sd2_parts):
         torch.testing.assert_close(w1[n], w, rtol=0, atol=1e-6)
     after = _state(model)
     assert all(torch.equal(before[k], after[k]) for k in after)
+
+
+LABEL_KEY = "diffusion_model.label_emb.0.0.weight"
+
+
+def test_apply_erasure_applies_an_sdxl_erasure_files_label_emb_difference(nodes, sdxl_parts, tiny_parts):
+    """An erasure that also edits SDXL's pooled channel (Refine's to_k/to_v + ``pooled_channel_edit`` of
+    label_emb, what ``mace-erase run --pooled-channel`` writes): Load Erasure -> Apply Erasure at strength 0.75
+    gives label_emb.0.0.weight = W0 + 0.75 · (the file's label_emb tensor, read with safetensors), as ComfyUI
+    loads the patched clone; the input MODEL stays bit-identical; Save Erasure writes the difference back;
+    the preview reports the share of it a MODEL carries; an SD1.x MODEL is refused naming the input."""
+    import comfy.model_management
+    import folder_paths
+    from safetensors.torch import load_file
+
+    from mace_ops.erasure import Erasure, save_erasure
+    from mace_ops.errors import MaceError
+    from mace_ops.hosts.comfy import ComfyHost
+    from mace_ops.pooled import pooled_channel_edit
+
+    model, clip, vae = sdxl_parts
+    before = _state(model)
+    with torch.inference_mode():
+        (concepts,) = nodes["MaceConceptList"]("cat -> a dog", "object", "a thing", "none")
+        (pres,) = nodes["MacePreservationSet"](clip, "none", "a photo of a house\na red car", "", "object")
+        (refined,) = nodes["MaceRefineCrossAttention"](model, clip, concepts, pres, -1.0, -1.0, 0.1)
+    host = ComfyHost(model, clip)
+    erasure = Erasure.build(ComfyHost(refined).cross_attention_weights(), base_fingerprint=host.model_fingerprint(),
+                            concepts=concepts.concepts, source="run_erasure", settings={"pooled_channel": True})
+    erasure.label_emb_diff = pooled_channel_edit(host, concepts.concepts, ["a photo of a house", "a red car"]) \
+        - host.label_emb_weight()
+    out = Path(folder_paths.get_output_directory())
+    save_erasure(erasure, host.original_weights(), out / "mace" / "pooled.safetensors")
+    file = load_file(str(out / "mace" / "pooled.safetensors"))
+    diff = file["diffusion_model.label_emb.0.0.diff"]
+    assert diff.shape == (before[LABEL_KEY].shape[0], 2816) and float(diff[:, :1280].abs().max()) > 0
+    assert torch.equal(diff[:, 1280:], torch.zeros_like(diff[:, 1280:]))  # only the pooled columns move
+    with torch.inference_mode():
+        (loaded,) = nodes["MaceLoadErasure"]("output/mace/pooled.safetensors")
+        (applied,) = nodes["MaceApplyErasure"](model, loaded, 0.75)
+        rel = nodes["MaceSaveErasure"](loaded, "mace/resaved").ui["text"][0]
+        applied_text, refined_text = (nodes["MaceErasurePreview"](model, m, clip, vae, loaded, "", 0, 0, 1, 5.0,
+                                                                  64).args[1] for m in (applied, refined))
+    resaved = load_file(str(out / rel))
+    assert torch.equal(resaved["diffusion_model.label_emb.0.0.diff"], diff)
+    with torch.inference_mode():  # what ComfyUI computes when it loads the patched clone
+        comfy.model_management.load_models_gpu([applied])
+        got = {k: v.detach().float().clone() for k, v in applied.model.diffusion_model.state_dict().items()}
+        comfy.model_management.load_models_gpu([model])
+    torch.testing.assert_close(got["label_emb.0.0.weight"], before[LABEL_KEY].float() + 0.75 * diff,
+                               rtol=0, atol=1e-6)
+    k = next(n for n in file if n.endswith("to_k.diff")).removesuffix(".diff") + ".weight"
+    torch.testing.assert_close(got[k.removeprefix(UNET)], before[k].float() + 0.75 * file[k[:-7] + ".diff"],
+                               rtol=0, atol=1e-6)
+    after = _state(model)
+    assert all(torch.equal(before[n], after[n]) for n in after)
+    assert "erased_model carries 0.750 of that edit" in applied_text
+    assert "carries 0.000 of that edit" in refined_text and "connect the MODEL of Apply Erasure" in refined_text
+    with pytest.raises(MaceError, match=r"model input: .*pooled channel.*label_emb.*this sd1 model has no label_emb; connect the SDXL"):
+        nodes["MaceApplyErasure"](tiny_parts[0], loaded, 1.0)
