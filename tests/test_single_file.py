@@ -176,3 +176,102 @@ def test_pooled_channel_is_refused_without_a_pooled_channel(files, tmp_path, cap
     assert cli.main(["run", "--checkpoint", str(files["sd2"]), "--concepts", str(concepts), "--out",
                      str(tmp_path / "o"), "--fast", "--pooled-channel", *FAST]) == 2
     assert "needs an SDXL base model" in capsys.readouterr().err
+
+
+def _run(src, tmp_path, *extra: str):
+    """``mace-erase run`` of one concept on ``src`` with the FAST settings; returns the output folder."""
+    concepts = tmp_path / "concepts.txt"
+    concepts.write_text("Taylor Swift -> a person\n", encoding="utf-8")
+    preserve = tmp_path / "preserve.txt"
+    preserve.write_text("a red house\na dog on a beach\na bowl of fruit\n", encoding="utf-8")
+    out = tmp_path / f"erased_{len(list(tmp_path.glob('erased_*')))}"
+    assert cli.main(["run", "--checkpoint", str(src), "--concepts", str(concepts), "--preserve", str(preserve),
+                     "--out", str(out), *FAST, *extra]) == 0
+    return out
+
+
+def test_run_with_compact_erasure_on_sdxl_stays_within_the_tolerance(tmp_path):
+    """``mace-erase run --compact-erasure 0.3`` on a float32 tiny SDXL file. The dense ΔW of the same run is
+    read from the sanitized checkpoint (float32: W_new − W0 exactly); against it, independently of
+    ``mace_ops.compact``: every key is in the stock-LoRA layout (``diffusion_model.<X>.lora_up.weight`` /
+    ``.lora_down.weight`` / ``.diff`` with ``model.diffusion_model.<X>.weight`` a tensor of the checkpoint,
+    factors of its shape), ``load_erasure`` reads it, each rank is the smallest whose SVD tail (singular
+    values from ``torch.linalg.svdvals``) is within the tolerance, and ``||ΔW − up·down||_F ≤ (0.3 + 2e-3)
+    ||ΔW||_F`` (2e-3: the float16 factors)."""
+    from mace_ops.erasure import load_erasure
+
+    tol = 0.3
+    src = write_tiny_checkpoint(tmp_path / "xl32.safetensors", "sdxl", 0)
+    out = _run(src, tmp_path, "--compact-erasure", str(tol))
+    efile = out / "erasure.safetensors"
+    with safe_open(str(src), framework="pt") as a, safe_open(str(out / "xl32_mace.safetensors"), framework="pt") as b:
+        dense = {k[len("model.diffusion_model."):-len(".weight")]: b.get_tensor(k) - a.get_tensor(k)
+                 for k in a.keys() if k.endswith((".attn2.to_k.weight", ".attn2.to_v.weight"))}
+        shapes = {k: tuple(a.get_slice(k).get_shape()) for k in a.keys()}
+    with safe_open(str(efile), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = json.loads(f.metadata()["mace.compact"])
+    assert meta["tolerance"] == tol and len(dense) == 140 and set(meta["ranks"]) == set(dense)
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():  # the stock LoRA loader's key layout for a UNet weight
+        stem, kind = next((key[: -len(s)], s) for s in (".lora_up.weight", ".lora_down.weight", ".diff")
+                          if key.endswith(s))
+        assert stem.startswith("diffusion_model.") and f"model.{stem}.weight" in shapes, key
+        factors.setdefault(stem[len("diffusion_model."):], {})[kind] = t
+    assert set(factors) == set(dense)
+    _, loaded = load_erasure(efile)
+    for name, d in dense.items():
+        f = factors[name]
+        if ".diff" in f:  # stored dense (the factors would be no smaller)
+            approx, r = f[".diff"].float(), 0
+        else:
+            up, down = f[".lora_up.weight"], f[".lora_down.weight"]
+            assert up.shape[0] == d.shape[0] and down.shape[1] == d.shape[1] and up.shape[1] == down.shape[0]
+            approx, r = up.float() @ down.float(), up.shape[1]
+        assert meta["ranks"][name] == r
+        torch.testing.assert_close(loaded[name], approx, rtol=0, atol=1e-6)
+        s = torch.linalg.svdvals(d.double())
+        budget = tol * float(s.norm())
+        if r:
+            assert float(s[r:].norm()) <= budget * (1 + 1e-6) and float(s[r - 1 :].norm()) > budget * (1 - 1e-6), name
+        err = torch.linalg.matrix_norm(d.double() - approx.double()) / torch.linalg.matrix_norm(d.double())
+        assert float(err) <= tol + 2e-3, name
+
+
+def _v_shaped(src, path):
+    """A copy of the SD2 file whose ``output_blocks.11.1...norm1.bias`` has the spread of a 768-v model (std
+    0.58 > ComfyUI's 0.09): what ``--prediction-type auto`` reads."""
+    from mace_ops.single_file import SD2_V_PROBE
+
+    with safe_open(str(src), framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    tensors[SD2_V_PROBE] = torch.linspace(-1, 1, tensors[SD2_V_PROBE].numel()).to(tensors[SD2_V_PROBE].dtype)
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+@pytest.mark.parametrize(("choice", "v_file"), [("v_prediction", False), ("auto", True)])
+def test_sd2_run_samples_with_v_prediction(files, tmp_path, monkeypatch, choice, v_file):
+    """``mace-erase run`` on a tiny SD2 file with ``--prediction-type v_prediction``, and with ``auto`` on a file
+    whose probe tensor is 768-v-shaped: every sampler step of the run (training data and report) reads the
+    UNet output as v. Checked on each step from DDIM's definitions, not the scheduler's config: the predicted
+    x0 is ``√ᾱ x − √(1−ᾱ) out`` for v, ``(x − √(1−ᾱ) out) / √ᾱ`` for epsilon (which must not match). The
+    LoRA loss (attention maps) does not read the UNet output, so sampling is where the type acts."""
+    from diffusers import DDIMScheduler
+
+    seen = []
+    step = DDIMScheduler.step
+
+    def spy(self, out, t, x, *args, **kwargs):
+        result = step(self, out, t, x, *args, **kwargs)
+        a = self.alphas_cumprod[int(t)].double()
+        x0 = {"v_prediction": a.sqrt() * x.double() - (1 - a).sqrt() * out.double(),
+              "epsilon": (x.double() - (1 - a).sqrt() * out.double()) / a.sqrt()}
+        got = result.pred_original_sample.double()
+        seen.append([k for k, v in x0.items() if torch.allclose(got, v, rtol=1e-4, atol=1e-4)])
+        return result
+
+    monkeypatch.setattr(DDIMScheduler, "step", spy)
+    src = _v_shaped(files["sd2"], tmp_path / "sd2_768v.safetensors") if v_file else files["sd2"]
+    _run(src, tmp_path, "--prediction-type", choice)
+    assert len(seen) >= 4 and all(s == ["v_prediction"] for s in seen)
