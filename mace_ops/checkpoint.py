@@ -60,13 +60,14 @@ def sd1_configs() -> dict[str, dict[str, Any]]:
             for name in ("unet", "vae", "text_encoder", "scheduler")}
 
 
-def _public(config: Mapping[str, Any]) -> dict[str, Any]:
+def public_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A diffusers/transformers config without its private ``_*`` keys (what a checkpoint stores)."""
     return {k: v for k, v in dict(config).items() if not k.startswith("_")}
 
 
 def _module_configs(unet: nn.Module, text_encoder: nn.Module, vae: nn.Module) -> dict[str, dict[str, Any]]:
     te = text_encoder.config.to_dict()
-    return {"unet": _public(unet.config), "vae": _public(vae.config),
+    return {"unet": public_config(unet.config), "vae": public_config(vae.config),
             "text_encoder": {k: v for k, v in te.items() if not k.startswith("_") and k != "transformers_version"}}
 
 
@@ -204,7 +205,7 @@ def write_sd1_checkpoint(
     if Path(path).exists():
         raise MaceError(f"{str(path)!r} exists; choose another name (MACE never overwrites)")
     sd = sd1_state_dict(unet, text_encoder, vae)
-    _replace_cross_attention(sd, cross_attention_weights or {}, str(path))
+    replace_cross_attention(sd, cross_attention_weights or {}, str(path))
     meta = dict(metadata or {})
     if store_configs:
         meta[CONFIG_METADATA_KEY] = json.dumps(_module_configs(unet, text_encoder, vae), sort_keys=True)
@@ -223,7 +224,8 @@ def write_tiny_sd1_checkpoint(path: str | os.PathLike[str], seed: int = 0) -> Pa
 # ---------------------------------------------------------------- loading
 
 
-def _float(t: Tensor) -> Tensor:
+def float_tensor(t: Tensor) -> Tensor:
+    """``t`` as float32 when it is floating point (any precision), else unchanged (integer ids)."""
     return t.float() if t.is_floating_point() else t
 
 
@@ -255,7 +257,9 @@ def refused_model(keys: list[str], slice_shape: Any) -> str | None:
     return None
 
 
-def _check_sd1_file(path: str, keys: list[str], slice_shape: Any) -> None:
+def check_sd1_file(path: str, keys: list[str], slice_shape: Any) -> None:
+    """``MaceError`` naming what the file is when it is not a full SD1.x single file (``keys``: its tensor
+    names; ``slice_shape(key)``: a tensor's shape from the header)."""
     where = f"checkpoint {path!r}"
     refused = refused_model(keys, slice_shape)
     if refused:
@@ -283,8 +287,11 @@ def _check_sd1_file(path: str, keys: list[str], slice_shape: Any) -> None:
         raise MaceError(f"{where} has no VAE (first_stage_model.*); give a full SD1.x checkpoint")
 
 
-def _load_into(module: nn.Module, sd: dict[str, Tensor], what: str, path: str, optional: tuple[str, ...] = (),
-               model: str = "SD1.x") -> None:
+def load_checked_state(module: nn.Module, sd: dict[str, Tensor], what: str, path: str,
+                       optional: tuple[str, ...] = (), model: str = "SD1.x") -> None:
+    """Load ``sd`` into ``module`` (tensors assigned: a module built on the meta device gets them) after checking that the names
+    and shapes match exactly (``optional``: name endings that may be extra); ``MaceError`` naming ``what``,
+    ``path`` and ``model`` otherwise."""
     own = module.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(k for k in set(sd) - set(own) if not k.endswith(optional))
@@ -317,8 +324,8 @@ def load_sd1_modules(path: str | os.PathLike[str]) -> tuple[nn.Module, nn.Module
         with safe_open(path, framework="pt") as f:
             keys = list(f.keys())
             meta = dict(f.metadata() or {})
-            _check_sd1_file(path, keys, lambda k: f.get_slice(k).get_shape())
-            ckpt = {k: _float(f.get_tensor(k)) for k in keys if k.startswith((CHECKPOINT_UNET_PREFIX, CLIP_PREFIX, VAE_PREFIX))}
+            check_sd1_file(path, keys, lambda k: f.get_slice(k).get_shape())
+            ckpt = {k: float_tensor(f.get_tensor(k)) for k in keys if k.startswith((CHECKPOINT_UNET_PREFIX, CLIP_PREFIX, VAE_PREFIX))}
     except (SafetensorError, OSError, RuntimeError) as e:
         raise MaceError(f"checkpoint {path!r} is corrupt: {e}") from e
     configs = sd1_configs()
@@ -331,8 +338,8 @@ def load_sd1_modules(path: str | os.PathLike[str]) -> tuple[nn.Module, nn.Module
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(configs["unet"])
         vae = AutoencoderKL.from_config(configs["vae"])
-    _load_into(unet, convert_ldm_unet_checkpoint(ckpt, dict(unet.config)), "UNet", path)
-    _load_into(vae, convert_ldm_vae_checkpoint(ckpt, dict(vae.config)), "VAE", path)
+    load_checked_state(unet, convert_ldm_unet_checkpoint(ckpt, dict(unet.config)), "UNet", path)
+    load_checked_state(vae, convert_ldm_vae_checkpoint(ckpt, dict(vae.config)), "VAE", path)
     text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(configs["text_encoder"]))
     # file: cond_stage_model.transformer.[text_model.]<rest> (old SD1 files lack text_model.); the module's
     # own keys have or lack the text_model. level depending on the transformers version
@@ -341,7 +348,7 @@ def load_sd1_modules(path: str | os.PathLike[str]) -> tuple[nn.Module, nn.Module
     for key, value in ckpt.items():
         if key.startswith(CLIP_PREFIX):
             clip_sd[("text_model." if with_level else "") + key[len(CLIP_PREFIX):].removeprefix("text_model.")] = value
-    _load_into(text_encoder, clip_sd, "text encoder", path, optional=("position_ids",))
+    load_checked_state(text_encoder, clip_sd, "text encoder", path, optional=("position_ids",))
     for m in (unet, vae, text_encoder):
         m.eval().requires_grad_(False)
     return unet, text_encoder, vae, configs
@@ -366,7 +373,9 @@ def load_sd1_host(path: str | os.PathLike[str], *, device: str | None = None) ->
 # ---------------------------------------------------------------- sanitized checkpoint
 
 
-def _replace_cross_attention(sd: dict[str, Tensor], weights: Mapping[str, Tensor], where: str) -> None:
+def replace_cross_attention(sd: dict[str, Tensor], weights: Mapping[str, Tensor], where: str) -> None:
+    """``sd[model.diffusion_model.<name>.weight] = weights[name]`` for ``<block>.to_k``/``.to_v`` names, in the
+    existing tensor's dtype (name, presence, shape and finiteness checked; ``where`` names the file)."""
     for name, w in weights.items():
         if not (name.endswith((".to_k", ".to_v")) and ".attn2." in f".{name}"):
             raise MaceError(f"{where}: {name!r} is not a cross-attention to_k/to_v matrix; only those are replaced")
@@ -400,7 +409,7 @@ def save_sanitized_checkpoint(
     if out.exists() or (src.exists() and out.resolve() == src.resolve()):
         raise MaceError(f"output {str(out)!r} exists; choose another name (the source is never overwritten)")
     tensors, meta = read_safetensors(src, "checkpoint")
-    _replace_cross_attention(tensors, new_weights, f"checkpoint {str(src)!r}")
+    replace_cross_attention(tensors, new_weights, f"checkpoint {str(src)!r}")
     if label_emb_diff is not None:
         key = CHECKPOINT_UNET_PREFIX + "label_emb.0.0.weight"
         old = tensors.get(key)
@@ -414,8 +423,13 @@ def save_sanitized_checkpoint(
 
 __all__ = [
     "CONFIG_METADATA_KEY",
+    "check_sd1_file",
+    "float_tensor",
+    "load_checked_state",
     "load_sd1_host",
     "load_sd1_modules",
+    "public_config",
+    "replace_cross_attention",
     "save_sanitized_checkpoint",
     "sd1_configs",
     "sd1_state_dict",

@@ -41,12 +41,19 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
-from . import checkpoint as sd1_file
 from .checkpoint import (
     CHECKPOINT_UNET_PREFIX,
     CONFIG_METADATA_KEY,
     VAE_PREFIX,
+    check_sd1_file,
+    float_tensor,
+    load_checked_state,
+    load_sd1_host,
+    load_sd1_modules,
+    public_config,
     refused_model,
+    replace_cross_attention,
+    sd1_state_dict,
     unet_vae_state_dict,
 )
 from .errors import MaceError
@@ -113,7 +120,7 @@ def _read_header(path: str) -> tuple[ModelFamily, list[str], dict[str, str]]:
             shape = lambda k: f.get_slice(k).get_shape()  # noqa: E731
             family = detect_family(keys, shape, where)
             if family is SD1:
-                sd1_file._check_sd1_file(path, keys, shape)
+                check_sd1_file(path, keys, shape)
             else:
                 _check_layout(family, keys, where)
     except (SafetensorError, OSError, RuntimeError) as e:
@@ -177,7 +184,7 @@ def _text_encoder(config: Mapping[str, Any], layout: str, prefix: str, ckpt: Map
     with_projection = "text_projection.weight" in sd
     cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
     module = cls(CLIPTextConfig.from_dict(config))
-    sd1_file._load_into(module, _prefixed(module, sd), f"text encoder {prefix}*", path,
+    load_checked_state(module, _prefixed(module, sd), f"text encoder {prefix}*", path,
                         optional=("position_ids",), model=title)
     return module
 
@@ -192,13 +199,13 @@ def load_modules(path: str | os.PathLike[str]) -> tuple[ModelFamily, nn.Module, 
     path = os.fspath(path)
     family, keys, meta = _read_header(path)
     if family is SD1:
-        unet, text_encoder, vae, configs = sd1_file.load_sd1_modules(path)
+        unet, text_encoder, vae, configs = load_sd1_modules(path)
         return family, unet, [text_encoder], vae, configs
     title = _TITLE[family.name]
     prefixes = (CHECKPOINT_UNET_PREFIX, VAE_PREFIX) + tuple(p for _, p, _ in TEXT_ENCODER_LAYOUT[family.name])
     try:  # only the models' tensors (not EMA copies etc.), as float32
         with safe_open(path, framework="pt") as f:
-            ckpt = {k: sd1_file._float(f.get_tensor(k)) for k in keys if k.startswith(prefixes)}
+            ckpt = {k: float_tensor(f.get_tensor(k)) for k in keys if k.startswith(prefixes)}
     except (SafetensorError, OSError, RuntimeError) as e:
         raise MaceError(f"checkpoint {path!r} is corrupt: {e}") from e
     configs = family_configs(family)
@@ -210,8 +217,8 @@ def load_modules(path: str | os.PathLike[str]) -> tuple[ModelFamily, nn.Module, 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(configs["unet"])
         vae = AutoencoderKL.from_config(configs["vae"])
-    sd1_file._load_into(unet, convert_ldm_unet_checkpoint(ckpt, dict(unet.config)), "UNet", path, model=title)
-    sd1_file._load_into(vae, convert_ldm_vae_checkpoint(ckpt, dict(vae.config)), "VAE", path, model=title)
+    load_checked_state(unet, convert_ldm_unet_checkpoint(ckpt, dict(unet.config)), "UNet", path, model=title)
+    load_checked_state(vae, convert_ldm_vae_checkpoint(ckpt, dict(vae.config)), "VAE", path, model=title)
     encoders = [_text_encoder(configs[name], layout, prefix, ckpt, path, title)
                 for name, prefix, layout in TEXT_ENCODER_LAYOUT[family.name]]
     for m in (unet, vae, *encoders):
@@ -280,7 +287,7 @@ def _load_float32_host(path: str | os.PathLike[str], *, device: str | None, pred
         raise MaceError(f"checkpoint {str(p)!r} does not exist; give a .safetensors checkpoint or a diffusers folder")
     family, _, _ = _read_header(os.fspath(p))
     if family is SD1 and prediction in ("auto", "epsilon"):
-        return sd1_file.load_sd1_host(p, device=device)
+        return load_sd1_host(p, device=device)
     family, unet, encoders, vae, configs = load_modules(p)
     probe = {}
     if family is SD2 and prediction == "auto":
@@ -331,7 +338,7 @@ def family_state_dict(family: ModelFamily, unet: nn.Module, text_encoders: Seque
                       vae: nn.Module) -> dict[str, Tensor]:
     """The modules as one single-file state dict of ``family``'s layout (see the module docstring)."""
     if family is SD1:
-        return sd1_file.sd1_state_dict(unet, text_encoders[0], vae)
+        return sd1_state_dict(unet, text_encoders[0], vae)
     out = unet_vae_state_dict(unet, vae)
     for (_, prefix, layout), enc in zip(TEXT_ENCODER_LAYOUT[family.name], text_encoders, strict=True):
         if layout == "openclip":
@@ -357,12 +364,12 @@ def write_checkpoint(
     sd = family_state_dict(family, unet, text_encoders, vae)
     if dtype is not None:
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-    sd1_file._replace_cross_attention(sd, cross_attention_weights or {}, str(path))
+    replace_cross_attention(sd, cross_attention_weights or {}, str(path))
     if label_emb is not None:
         replace_label_emb(sd, label_emb, str(path))
     meta = dict(metadata or {})
     if store_configs:
-        configs = {"unet": sd1_file._public(unet.config), "vae": sd1_file._public(vae.config)}
+        configs = {"unet": public_config(unet.config), "vae": public_config(vae.config)}
         for (name, _, _), enc in zip(TEXT_ENCODER_LAYOUT[family.name], text_encoders, strict=True):
             configs[name] = {k: v for k, v in enc.config.to_dict().items()
                              if not k.startswith("_") and k != "transformers_version"}
