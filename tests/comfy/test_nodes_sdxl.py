@@ -243,23 +243,15 @@ def test_an_sd2_model_passes_the_erasure_nodes_unchanged(nodes, sd2_parts):
 LABEL_KEY = "diffusion_model.label_emb.0.0.weight"
 
 
-def test_apply_erasure_applies_an_sdxl_erasure_files_label_emb_difference(nodes, sdxl_parts, tiny_parts):
-    """An erasure that also edits SDXL's pooled channel (Refine's to_k/to_v + ``pooled_channel_edit`` of
-    label_emb, what ``mace-erase run --pooled-channel`` writes): Load Erasure -> Apply Erasure at strength 0.75
-    gives label_emb.0.0.weight = W0 + 0.75 · (the file's label_emb tensor, read with safetensors), as ComfyUI
-    loads the patched clone; the input MODEL stays bit-identical; Save Erasure writes the difference back;
-    the preview reports the share of it a MODEL carries; an SD1.x MODEL is refused naming the input."""
-    import comfy.model_management
-    import folder_paths
-    from safetensors.torch import load_file
-
-    from mace_ops.erasure import Erasure, save_erasure
-    from mace_ops.errors import MaceError
+@pytest.fixture(scope="module")
+def pooled_erasure(nodes, sdxl_parts):
+    """(Erasure, the MODEL's to_k/to_v, refined MODEL) of an erasure that also edits SDXL's pooled channel:
+    Refine's to_k/to_v and ``pooled_channel_edit`` of label_emb (what ``mace-erase run --pooled-channel`` makes)."""
+    from mace_ops.erasure import Erasure
     from mace_ops.hosts.comfy import ComfyHost
     from mace_ops.pooled import pooled_channel_edit
 
-    model, clip, vae = sdxl_parts
-    before = _state(model)
+    model, clip, _vae = sdxl_parts
     with torch.inference_mode():
         (concepts,) = nodes["MaceConceptList"]("cat -> a dog", "object", "a thing", "none")
         (pres,) = nodes["MacePreservationSet"](clip, "none", "a photo of a house\na red car", "", "object")
@@ -269,8 +261,27 @@ def test_apply_erasure_applies_an_sdxl_erasure_files_label_emb_difference(nodes,
                             concepts=concepts.concepts, source="run_erasure", settings={"pooled_channel": True})
     erasure.label_emb_diff = pooled_channel_edit(host, concepts.concepts, ["a photo of a house", "a red car"]) \
         - host.label_emb_weight()
+    return erasure, host.original_weights(), refined
+
+
+def test_apply_erasure_applies_an_sdxl_erasure_files_label_emb_difference(nodes, sdxl_parts, tiny_parts,
+                                                                         pooled_erasure):
+    """An erasure that also edits SDXL's pooled channel (``pooled_erasure``): Load Erasure -> Apply Erasure at
+    strength 0.75 gives label_emb.0.0.weight = W0 + 0.75 · (the file's label_emb tensor, read with safetensors),
+    as ComfyUI loads the patched clone; the input MODEL stays bit-identical; Save Erasure writes the difference
+    back; the preview reports the share of it a MODEL carries; an SD1.x MODEL is refused naming the input."""
+    import comfy.model_management
+    import folder_paths
+    from safetensors.torch import load_file
+
+    from mace_ops.erasure import save_erasure
+    from mace_ops.errors import MaceError
+
+    model, clip, vae = sdxl_parts
+    erasure, original, refined = pooled_erasure
+    before = _state(model)
     out = Path(folder_paths.get_output_directory())
-    save_erasure(erasure, host.original_weights(), out / "mace" / "pooled.safetensors")
+    save_erasure(erasure, original, out / "mace" / "pooled.safetensors")
     file = load_file(str(out / "mace" / "pooled.safetensors"))
     diff = file["diffusion_model.label_emb.0.0.diff"]
     assert diff.shape == (before[LABEL_KEY].shape[0], 2816) and float(diff[:, :1280].abs().max()) > 0
@@ -298,3 +309,37 @@ def test_apply_erasure_applies_an_sdxl_erasure_files_label_emb_difference(nodes,
     assert "carries 0.000 of that edit" in refined_text and "connect the MODEL of Apply Erasure" in refined_text
     with pytest.raises(MaceError, match=r"model input: .*pooled channel.*label_emb.*this sd1 model has no label_emb; connect the SDXL"):
         nodes["MaceApplyErasure"](tiny_parts[0], loaded, 1.0)
+
+
+def test_stock_lora_loader_applies_a_compact_sdxl_erasure_file(nodes, sdxl_parts, pooled_erasure, comfy_lib, tmp_path):
+    """A compact erasure file (``save_erasure(..., compact=0.3)``: float16 truncated-SVD factors under LoRA keys,
+    plus the label_emb difference) through stock ``LoraLoaderModelOnly``: as ComfyUI loads the result, each of
+    the 140 to_k/to_v is W0 + up·down of the file's factors and label_emb.0.0.weight is W0 + its difference, so
+    every key of the file was recognised."""
+    import comfy.model_management
+    import folder_paths
+    from safetensors.torch import load_file
+
+    from mace_ops.erasure import save_erasure
+
+    model = sdxl_parts[0]
+    erasure, original, _refined = pooled_erasure
+    before = _state(model)
+    path = save_erasure(erasure, original, tmp_path / "compact.safetensors", compact=0.3)
+    file = load_file(str(path))
+    folder_paths.add_model_folder_path("loras", str(tmp_path))
+    with torch.inference_mode():
+        (lora_model,) = _stock_nodes(comfy_lib).LoraLoaderModelOnly().load_lora_model_only(model, path.name, 1.0)
+        comfy.model_management.load_models_gpu([lora_model])
+        got = {k: v.detach().float().clone() for k, v in lora_model.model.diffusion_model.state_dict().items()}
+        comfy.model_management.load_models_gpu([model])
+    stems = {k.removesuffix(".lora_up.weight") for k in file if k.endswith(".lora_up.weight")}
+    assert len(stems) == 140  # all factored at this tolerance on the tiny SDXL
+    for stem in stems:
+        w = stem.removeprefix(UNET) + ".weight"
+        want = before[UNET + w].float() + file[stem + ".lora_up.weight"].float() @ file[stem + ".lora_down.weight"].float()
+        torch.testing.assert_close(got[w], want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got["label_emb.0.0.weight"],
+                               before[LABEL_KEY].float() + file["diffusion_model.label_emb.0.0.diff"], rtol=0, atol=1e-6)
+    after = _state(model)
+    assert all(torch.equal(before[n], after[n]) for n in after)
