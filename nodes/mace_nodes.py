@@ -79,7 +79,7 @@ def preservation_set(clip: Any, corpus: str, prompts: str, retained: str, retain
         host, general, kept, cache_dir=cache_dir("preservation"), progress=progress.pipeline,
         check_interrupt=check_interrupt,
     )
-    return (PreservationValue(stats, host.text_encoder_fingerprint()),)
+    return (PreservationValue(stats, host.text_encoder_fingerprint(), general + kept),)
 
 
 def _text_host(clip: Any):
@@ -209,7 +209,9 @@ def _user_data(cv: ConceptsValue, images: Any, masks: Any, images_for: str):
     return user_images, user_masks
 
 
-def fuse_loras(refined_model, clip, lora_bank, preservation, preserve_weight, retained_weight, ridge):
+def fuse_loras(refined_model, clip, lora_bank, preservation, preserve_weight, retained_weight, ridge,
+               pooled_channel=False):
+    """Stage 3, and with ``pooled_channel`` SDXL's pooled-channel edit (``_pooled_label_emb``)."""
     from mace_ops.erasure import Erasure
     from mace_ops.errors import MaceError
     from mace_ops.hosts.comfy import ComfyHost
@@ -234,11 +236,36 @@ def fuse_loras(refined_model, clip, lora_bank, preservation, preserve_weight, re
     progress = RunProgressBar({"fuse": len(bv.concepts)})
     fused = fuse_weights(host, refined, bv.bank, bv.concepts, pv.statistics.groups(wp, wr), lam,
                          original=original, progress=progress.pipeline, check_interrupt=check_interrupt)
+    label = _pooled_label_emb(host, bv.concepts, pv, settings) if pooled_channel else None
     erasure = Erasure.build(fused, base_fingerprint=host.model_fingerprint(), concepts=bv.concepts,
-                            source="fuse_weights", settings={"preserve_weight": wp, "retained_weight": wr,
-                                                             "ridge": lam}, losses=bv.losses)
-    erased = host.with_weights(erasure.weights)
+                            source="fuse_weights", settings={"preserve_weight": wp, "retained_weight": wr, "ridge": lam,
+                                                             **({"pooled_channel": label is not None}
+                                                                if pooled_channel else {})}, losses=bv.losses)
+    if label is not None:
+        erasure.label_emb_diff = (label.float() - host.original_label_emb_weight()).cpu()
+    erased = host.with_weights(erasure.weights, label_emb=label)
     return (erased.model, ErasureValue(erasure, erasure.diffs(original)))
+
+
+def _pooled_label_emb(host: Any, concepts: list, pv: PreservationValue, settings: Any) -> Any:
+    """The new ``label_emb.0.0.weight`` of Fuse LoRAs' ``pooled_channel`` option, as ``mace-erase run
+    --pooled-channel`` makes it (``mace_ops.pooled.pooled_channel_edit``: the preservation prompts kept with the
+    concept list's ``pooled_preserve``); None, with a logged warning, for a model without SDXL's pooled channel."""
+    import logging
+
+    from mace_ops.errors import MaceError
+    from mace_ops.pooled import pooled_channel_edit
+
+    if not host.family.pooled_dim or host.label_emb_weight() is None:
+        logging.getLogger(__name__).warning(
+            "MACE Fuse LoRAs: pooled_channel ignored: this %s model has no pooled text channel (only SDXL base "
+            "feeds a pooled embedding to label_emb); only the cross-attention was erased", host.family.name)
+        return None
+    if not pv.prompts:
+        raise MaceError("preservation input: it carries no prompts (made before the pooled channel); run MACE "
+                        "Preservation Set again, or turn pooled_channel off")
+    return pooled_channel_edit(host, concepts, pv.prompts, preserve_weight=settings.pooled_preserve,
+                               ridge=settings.ridge, relative_ridge=settings.relative_ridge)
 
 
 def fuse_external_loras(model, clip, concepts, preservation, lora_files, allow_other_modules, preserve_weight,

@@ -261,10 +261,14 @@ NODES: tuple[NodeSpec, ...] = (
             *_weights(1e12, "Weight of the general preservation prompts in the fusion.",
                       "Weight of the retained names' prompts in the fusion.",
                       "Ridge λ·||W - W1||² keeping the weights near the refined ones."),
+            In("pooled_channel", "BOOLEAN", "SDXL: also edit label_emb's pooled-text columns in closed form, so the "
+               "concepts do not reach the UNet through bigG's pooled embedding (the preservation prompts are kept). "
+               "Off by default; ignored, with a console warning, on SD1.x / SD2.x models.", default=False),
         ),
         outputs=(Out("MODEL", "erased_model", "The erased model (a patched clone; feed it to CheckpointSave for a "
                      "sanitized checkpoint)."),
-                 Out(ERASURE, "erasure", "The new to_k/to_v matrices and their provenance.")),
+                 Out(ERASURE, "erasure", "The new to_k/to_v matrices (and label_emb difference) and their "
+                     "provenance.")),
         run=run.fuse_loras,
     ),
     NodeSpec(

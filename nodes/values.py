@@ -8,7 +8,7 @@ MACE_ERASURE      ErasureValue       the erased matrices, their differences to t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 CONCEPTS = "MACE_CONCEPTS"
@@ -29,6 +29,7 @@ class ConceptsValue:
 class PreservationValue:
     statistics: Any  # mace_ops.pipeline.PreservationStatistics
     text_encoder_fingerprint: str
+    prompts: list[str] = field(default_factory=list)  # general then retained: SDXL's pooled-channel edit reads them
 
 
 @dataclass

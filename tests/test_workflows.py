@@ -177,7 +177,9 @@ def test_concept_lists_parse_and_presets_apply(path):
         assert [s for s in keep["widgets_values"][2].splitlines() if s] == p.retained
     for n in wf["nodes"]:
         if n["type"] in ("MaceRefineCrossAttention", "MaceFuseLoRAs"):
-            assert n["widgets_values"] == [-1.0, -1.0, -1.0]  # the preset's weights
+            assert n["widgets_values"][:3] == [-1.0, -1.0, -1.0]  # the preset's weights
+        if n["type"] == "MaceFuseLoRAs":
+            assert n["widgets_values"][3:] == [False]  # pooled_channel: off by default
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)

@@ -302,7 +302,8 @@ def tasks() -> list[Task]:
             title="MACE for SDXL, quick: erase a person, an object and a style",
             summary=("The quick demo on an SDXL checkpoint: three concepts, few steps, native 1024 px images. "
                      "The person and the object are objects (trained with masks), 'Van Gogh -> art :: style' "
-                     "is a style (no masks)."),
+                     "is a style (no masks). Fuse LoRAs' pooled_channel (off by default) also closes SDXL's "
+                     "pooled text channel (label_emb)."),
             concepts={"concepts": "Taylor Swift -> a woman\nship -> sea\nVan Gogh -> art :: style",
                       "kind": "object", "default_anchor": "a person", "preset": "none"},
             train={"steps": 20, "images_per_concept": 2, "sample_steps": 20, "image_size": 1024},

@@ -343,3 +343,61 @@ def test_stock_lora_loader_applies_a_compact_sdxl_erasure_file(nodes, sdxl_parts
                                before[LABEL_KEY].float() + file["diffusion_model.label_emb.0.0.diff"], rtol=0, atol=1e-6)
     after = _state(model)
     assert all(torch.equal(before[n], after[n]) for n in after)
+
+
+def _train_fuse(nodes, parts, **fuse):
+    """Concept List -> Preservation Set -> Refine -> Train (1 step) -> Fuse LoRAs (``fuse``: its options)."""
+    model, clip, vae = parts
+    with torch.inference_mode():
+        (concepts,) = nodes["MaceConceptList"]("cat -> a dog", "object", "a thing", "none")
+        (pres,) = nodes["MacePreservationSet"](clip, "none", "a photo of a house\na red car", "", "object")
+        (refined,) = nodes["MaceRefineCrossAttention"](model, clip, concepts, pres, -1.0, -1.0, 0.1)
+        (bank,) = nodes["MaceTrainConceptLoRA"](
+            original_model=model, refined_model=refined, clip=clip, vae=vae, concepts=concepts, steps=1,
+            learning_rate=1e-3, rank=1, seed=0, batch_size=1, images_per_concept=1, sample_steps=1, cfg=7.5,
+            image_size=64)
+        return [tuple(nodes["MaceFuseLoRAs"](refined, clip, bank, pres, -1.0, -1.0, 0.1, **f)) for f in fuse.values()]
+
+
+def test_fuse_loras_pooled_channel_closes_sdxl_pooled_channel(nodes, sdxl_parts, tiny_parts, caplog):
+    """Fuse LoRAs with ``pooled_channel`` on the tiny SDXL: the to_k/to_v equal those of the option off, the
+    erasure carries a label_emb difference that the erased MODEL (as ComfyUI loads it) has, only the pooled
+    columns move, and through them the concept's pooled embeddings now act as its anchor's (checked from the
+    CLIP's pooled outputs and the weights before/after, not from our solver); the input MODEL is untouched.
+    Off (the default): no label_emb change. On an SD1.x model the option is ignored with a logged warning."""
+    import logging
+
+    import comfy.model_management
+
+    from mace_ops.concepts import Concept, concept_prompt_pairs
+    from mace_ops.hosts.comfy import ComfyHost
+
+    model, clip, _vae = sdxl_parts
+    before = _state(model)
+    (erased, erasure), (erased_off, erasure_off) = _train_fuse(nodes, sdxl_parts, on={"pooled_channel": True},
+                                                               off={})
+    assert erasure_off.erasure.label_emb_diff is None and erasure.erasure.label_emb_diff is not None
+    assert erasure.erasure.metadata["settings"]["pooled_channel"] is True
+    for n, w in erasure_off.erasure.weights.items():
+        torch.testing.assert_close(erasure.erasure.weights[n], w, rtol=0, atol=0)
+    with torch.inference_mode():
+        comfy.model_management.load_models_gpu([erased])
+        w1 = erased.model.diffusion_model.state_dict()["label_emb.0.0.weight"].detach().float().clone()
+        comfy.model_management.load_models_gpu([erased_off])
+        w_off = erased_off.model.diffusion_model.state_dict()["label_emb.0.0.weight"].detach().float().clone()
+        comfy.model_management.load_models_gpu([model])
+    w0 = before[LABEL_KEY].float()
+    assert torch.equal(w_off, w0) and torch.equal(w1[:, 1280:], w0[:, 1280:])
+    torch.testing.assert_close(w1, w0 + erasure.erasure.label_emb_diff, rtol=0, atol=1e-6)
+    pairs = concept_prompt_pairs(Concept("cat", "a dog"))
+    y_c = ComfyHost(model, clip).encode_pooled([f for f, _ in pairs]).double()
+    y_a = ComfyHost(model, clip).encode_pooled([g for _, g in pairs]).double()
+    p0, p1 = w0[:, :1280].double(), w1[:, :1280].double()
+    assert float((y_c @ p1.T - y_a @ p0.T).norm() / (y_c @ p0.T - y_a @ p0.T).norm()) < 0.05
+    after = _state(model)
+    assert all(torch.equal(before[n], after[n]) for n in after)
+    with caplog.at_level(logging.WARNING):
+        ((sd1_erased, sd1_erasure),) = _train_fuse(nodes, tiny_parts, on={"pooled_channel": True})
+    assert sd1_erasure.erasure.label_emb_diff is None
+    assert sd1_erasure.erasure.metadata["settings"]["pooled_channel"] is False
+    assert "pooled_channel ignored: this sd1 model has no pooled text channel" in caplog.text
