@@ -50,7 +50,7 @@ from mace_ops.probe import ProbeSettings, run_probe  # noqa: E402
 from mace_ops.train import train_concept_loras  # noqa: E402
 from mace_ops.world.classifier import load_classifier  # noqa: E402
 from mace_ops.world.demo import preservation_prompts  # noqa: E402
-from mace_ops.world.evaluate import recognition  # noqa: E402
+from mace_ops.world.evaluate import SAMPLE_CFG, recognition  # noqa: E402
 from mace_ops.world.probe import classifier_judge, control_concept, probe_concept, unrelated_prompts  # noqa: E402
 
 METHODS = ("mace", "cfr_only", "cfr_harden", "uce_style")
@@ -130,7 +130,7 @@ def main() -> None:
         p.error(f"--methods {a.methods!r}: choose among {', '.join(METHODS)}")
     torch.set_num_threads(a.threads)
     quick = dict(samples=10, sample_steps=10, inversion_steps=25, inversion_lr=3e-2) if a.quick else {}
-    settings = ProbeSettings(seed=a.probe_seed, attacks=("own", "paraphrase", "inversion", "relearning"),
+    settings = ProbeSettings(seed=a.probe_seed, cfg=SAMPLE_CFG, attacks=("own", "paraphrase", "inversion", "relearning"),
                              **{**quick, **({"samples": a.samples} if a.samples else {})})
     harden = dict(harden_rounds=a.harden, harden_images=settings.inversion_images,
                   harden_steps=settings.inversion_steps, harden_lr=settings.inversion_lr)

@@ -224,15 +224,16 @@ def world_demo_settings(seed: int = 0) -> Any:
     """The world demo's settings: strong enough to erase on the trained world model in under two minutes."""
     from .pipeline import ErasureSettings
     from .train import TrainConfig
+    from .world.evaluate import SAMPLE_CFG, SAMPLE_STEPS
 
-    # CFR: retained weight 5 (0.5 let "red circle"'s erasure take "blue circle", 42 % -> 8 %).
+    # Training images are drawn with the world's own sampler (``world.evaluate``). CFR: retained weight 5 (0.5 let "red circle"'s erasure take "blue circle", 42 % -> 8 %).
     # Fusion (benchmarks/README.md, "Where the damage comes from"): E_i = the phrase's own tokens, weights
     # 500 / 5000 and a relative ridge 1e-2. With all 77 positions, weight 5 and ε 1e-6 the fused to_k/to_v
     # moved 21x their norm and every neighbour fell; a lone LoRA already hits the neighbours, so the
     # fusion's preservation must hold them. LoRA lr 2e-3 x 100 steps: at 1e-3 "red star" stayed at 100 %.
     return ErasureSettings(cfr_preserve=0.5, cfr_retained=5.0, fusion_preserve=500.0, fusion_retained=5000.0,
                            ridge=0.1, fusion_relative_ridge=1e-2, fusion_tokens="phrase",
-                           n_images=4, sample_steps=20, cfg=5.0, image_size=64, seed=seed,
+                           n_images=4, sample_steps=SAMPLE_STEPS, cfg=SAMPLE_CFG, image_size=64, seed=seed,
                            train=TrainConfig(steps=100, lr=2e-3, seed=seed))
 
 

@@ -203,9 +203,11 @@ def cmd_probe(args: argparse.Namespace) -> int:
     check_new_folder(out)
     files = _named_files(args.prompts_csv, args.limit)
     world = not args.checkpoint
+    from .world.evaluate import SAMPLE_CFG
+
     settings = ProbeSettings(
         samples=args.samples, seed=args.seed, sample_steps=args.steps or (20 if world else 30),
-        cfg=5.0 if world else 7.5, size=args.size or (64 if world else 512),
+        cfg=SAMPLE_CFG if world else 7.5, size=args.size or (64 if world else 512),
         attacks=tuple(a.strip() for a in args.attacks.split(",") if a.strip()),
         inversion_steps=args.inversion_steps, inversion_lr=args.inversion_lr, relearn_steps=args.relearn_steps,
         relearn_lr=args.relearn_lr)

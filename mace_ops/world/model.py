@@ -26,8 +26,8 @@ WEIGHTS_DIR = Path(__file__).with_name("weights")
 TEXT_SEED = 1212
 #: sha256 of the shipped files (tests check them; ``export`` rewrites the files, then update these)
 WEIGHTS_SHA256: dict[str, str] = {
-    "unet-1-of-2.safetensors": "8c4256606c4fe81f09d9264ad3a0f82afec714b8f7a4ac9c73efca34842225a0",
-    "unet-2-of-2.safetensors": "360c9eccd6ce15ba730c5827cad629e3b99cec92fcda603f79f33e9ce8ac2998",
+    "unet-1-of-2.safetensors": "bd63f6fdb934f1cff72b01898b6ef27e424defc00a08c556380b9b31d7e53c3a",
+    "unet-2-of-2.safetensors": "6a170a8a52e06f2732dfe15999e8ff8b5d1f2af3d77adbc19210544741f9a1ff",
     "vae.safetensors": "2332030b774737653d91ead906558037c8e96614c3a33c0c23497ef57a29bcc3",
     "classifier.safetensors": "4008bae3e81690bacd21d2acc2ecf74aa8bbde6460743968e10c2b64aaf4aa93",
 }
