@@ -5,6 +5,7 @@ For every concept of a kind, ``n`` samples of its own prompts (and of its paraph
     accuracy(kind) = mean over concepts c of kind, samples i of [classifier recognises c in sample i]
 
     python -m mace_ops.world.accuracy --samples 5 --json runs/accuracy.json
+    python -m mace_ops.world.accuracy --samples 2 --paraphrase --cfg 2   # another guidance (default SAMPLE_CFG)
 """
 
 from __future__ import annotations
@@ -17,14 +18,15 @@ import numpy as np
 import torch
 
 from .classifier import load_classifier, read_images
-from .evaluate import all_concepts, sample_images
+from .evaluate import SAMPLE_CFG, all_concepts, sample_images
 
 
-def kind_accuracy(host, classifier, kind: str, n: int, seed: int = 0, paraphrase: bool = False) -> dict:
-    """Recognition rate over all concepts of ``kind``; also the per-head rates for objects."""
+def kind_accuracy(host, classifier, kind: str, n: int, seed: int = 0, paraphrase: bool = False,
+                  cfg: float = SAMPLE_CFG) -> dict:
+    """Recognition rate over all concepts of ``kind`` (guidance ``cfg``), and per concept."""
     hits, per = [], {}
     for c in [c for c in all_concepts() if c.kind == kind]:
-        reads = read_images(classifier, sample_images(host, c.prompts(paraphrase), n, seed))
+        reads = read_images(classifier, sample_images(host, c.prompts(paraphrase), n, seed, cfg=cfg))
         per[c.phrase] = float(np.mean([c.recognised(r) for r in reads]))
         hits.append(per[c.phrase])
     return {"accuracy": float(np.mean(hits)), "per_concept": per}
@@ -55,6 +57,7 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=5, help="samples per concept and prompt set")
     p.add_argument("--weights", default=None, help="weights folder (default: the shipped one)")
     p.add_argument("--paraphrase", action="store_true", help="also the paraphrase prompts")
+    p.add_argument("--cfg", type=float, default=SAMPLE_CFG, help=f"guidance (default {SAMPLE_CFG}, the world's sampler)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None)
     p.add_argument("--classifier-only", type=int, default=0, metavar="N",
@@ -75,14 +78,14 @@ def main() -> None:
     for kind in ("object", "style", "identity"):
         for para in (False, True) if a.paraphrase else (False,):
             t = time.time()
-            r = kind_accuracy(host, classifier, kind, a.samples, paraphrase=para)
+            r = kind_accuracy(host, classifier, kind, a.samples, paraphrase=para, cfg=a.cfg)
             key = f"{kind}{'_paraphrase' if para else ''}"
             out[key] = r
             print(f"{key:22s} accuracy {r['accuracy']:.3f}  ({a.samples} samples per concept, {time.time() - t:.0f} s)",
                   flush=True)
     if a.json:
         with open(a.json, "w", encoding="utf-8") as f:
-            json.dump({"samples": a.samples, **out}, f, indent=2)
+            json.dump({"samples": a.samples, "cfg": a.cfg, **out}, f, indent=2)
 
 
 if __name__ == "__main__":
