@@ -54,13 +54,7 @@ def run(nodes, sdxl_parts):
     model, clip, vae = sdxl_parts
     before = _state(model)
     with torch.inference_mode():
-        (concepts,) = nodes["MaceConceptList"]("cat -> a dog\nEiffel Tower -> a tower", "object", "a thing", "none")
-        (pres,) = nodes["MacePreservationSet"](clip, "none", "a photo of a house\na red car", "", "object")
-        (refined,) = nodes["MaceRefineCrossAttention"](model, clip, concepts, pres, -1.0, -1.0, 0.1)
-        (bank,) = nodes["MaceTrainConceptLoRA"](
-            original_model=model, refined_model=refined, clip=clip, vae=vae, concepts=concepts, steps=2,
-            learning_rate=1e-3, rank=1, seed=0, batch_size=1, images_per_concept=1, sample_steps=2, cfg=7.5,
-            image_size=64)
+        pres, refined, bank = _train(nodes, sdxl_parts, "cat -> a dog\nEiffel Tower -> a tower", steps=2)
         erased, erasure = nodes["MaceFuseLoRAs"](refined, clip, bank, pres, -1.0, -1.0, 0.1)
         rel = nodes["MaceSaveErasure"](erasure, "mace/sdxl").ui["text"][0]
         (loaded,) = nodes["MaceLoadErasure"]("output/" + rel.replace("\\", "/"))
@@ -345,17 +339,25 @@ def test_stock_lora_loader_applies_a_compact_sdxl_erasure_file(nodes, sdxl_parts
     assert all(torch.equal(before[n], after[n]) for n in after)
 
 
-def _train_fuse(nodes, parts, **fuse):
-    """Concept List -> Preservation Set -> Refine -> Train (1 step) -> Fuse LoRAs (``fuse``: its options)."""
+def _train(nodes, parts, concept_list: str, steps: int):
+    """Concept List -> Preservation Set -> Refine -> Train (``steps`` LoRA and sampler steps, minimal sizes):
+    (preservation, refined MODEL, LoRA bank). Call under ``torch.inference_mode()``."""
     model, clip, vae = parts
+    (concepts,) = nodes["MaceConceptList"](concept_list, "object", "a thing", "none")
+    (pres,) = nodes["MacePreservationSet"](clip, "none", "a photo of a house\na red car", "", "object")
+    (refined,) = nodes["MaceRefineCrossAttention"](model, clip, concepts, pres, -1.0, -1.0, 0.1)
+    (bank,) = nodes["MaceTrainConceptLoRA"](
+        original_model=model, refined_model=refined, clip=clip, vae=vae, concepts=concepts, steps=steps,
+        learning_rate=1e-3, rank=1, seed=0, batch_size=1, images_per_concept=1, sample_steps=steps, cfg=7.5,
+        image_size=64)
+    return pres, refined, bank
+
+
+def _train_fuse(nodes, parts, **fuse):
+    """``_train`` (1 step, one concept) -> Fuse LoRAs once per entry of ``fuse`` (its options)."""
+    _, clip, _ = parts
     with torch.inference_mode():
-        (concepts,) = nodes["MaceConceptList"]("cat -> a dog", "object", "a thing", "none")
-        (pres,) = nodes["MacePreservationSet"](clip, "none", "a photo of a house\na red car", "", "object")
-        (refined,) = nodes["MaceRefineCrossAttention"](model, clip, concepts, pres, -1.0, -1.0, 0.1)
-        (bank,) = nodes["MaceTrainConceptLoRA"](
-            original_model=model, refined_model=refined, clip=clip, vae=vae, concepts=concepts, steps=1,
-            learning_rate=1e-3, rank=1, seed=0, batch_size=1, images_per_concept=1, sample_steps=1, cfg=7.5,
-            image_size=64)
+        pres, refined, bank = _train(nodes, parts, "cat -> a dog", steps=1)
         return [tuple(nodes["MaceFuseLoRAs"](refined, clip, bank, pres, -1.0, -1.0, 0.1, **f)) for f in fuse.values()]
 
 
