@@ -151,8 +151,8 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, list, Any, list[str], An
         from .hosts.diffusers import DiffusersHost
 
         original = DiffusersHost.from_world(device=args.device)
-        notes.append("world model: the classifier judges; the shipped model is undertrained, so compare every rate "
-                     "with the original model's beside it")
+        notes.append("world model: the classifier judges; the shipped model draws its concepts 89–100 % of the time, so compare every "
+                     "rate with the original model's beside it")
     erasure, _ = load_erasure(args.erasure, original_weights=original.cross_attention_weights(),
                               expected_fingerprint=original.model_fingerprint())
     erased = original.with_weights(erasure.weights)
