@@ -6,8 +6,8 @@ losses)``; its outcome is a pure function of the content key
     key = sha256(format, fingerprint(W0 model), concept (phrase, anchor, kind), data settings,
                  TrainConfig.result_dict(), digest(W1 = the refined to_k/to_v), digest(user images/masks))
 
-(bit for bit at a given torch thread count: a task is one of the batches that the in-process trainer
-trains together, trained by the same call; another thread count changes the last bits, see
+(bit for bit at one torch thread: a task is one of the batches that the in-process trainer
+trains together, trained by the same call; more threads change the last bits, see
 ``mace_ops.engines`` and ``mace_ops.train``). The driver writes each gathered outcome to ``<cache>/tasks/`` under its key,
 atomically (temporary file + rename), with a manifest (concept, key, losses, settings) in the file's
 metadata; a rerun reads the finished ones back and submits only the others. Only the driver writes

@@ -7,10 +7,10 @@
 
 A task is one of the groups that the in-process trainer batches together (``TrainConfig.concepts_per_batch``
 concepts in one forward, ``train.train_concept_loras``), and a worker trains it with that very call, so
-every LoRA comes out of the same operations on the same batch whatever the engine: at the same torch
-thread count per task, 1 process, N local workers and Ray give bit-identical LoRAs and erasure. Across
-thread counts CPU kernels split their sums differently and the last bits differ
-(``tests/_engine_case.py`` states the tolerance).
+every LoRA comes out of the same operations on the same batch whatever the engine: at one torch thread
+(per task and on the driver), 1 process, N local workers and Ray give bit-identical LoRAs and erasure.
+At more threads CPU kernels split their sums by thread and the last bits differ across thread counts, and
+on a loaded machine even between two runs at 2 threads (``tests/_engine_case.py`` states the tolerance).
 Faults (a worker killed, a node lost, a task raising) are retried by the engine, a bounded number of
 times; concepts that fail every attempt are named in a ``MaceError`` after the others are saved.
 """

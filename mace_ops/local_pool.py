@@ -51,7 +51,7 @@ class LocalPool:
     ``["cuda:0", "cuda:1"]``; default: the factory's choice, CPU). A run starts no more workers than it
     has tasks. ``threads_per_worker``: torch threads in each worker (default: this process's threads
     divided among the workers started, at least 1: a run of one task, e.g. a few concepts that the
-    trainer batches together, trains at this process's thread count and so bit-identically to it)."""
+    trainer batches together, trains at this process's thread count, as the one-process run would)."""
 
     shares_files = True
 

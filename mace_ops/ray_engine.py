@@ -55,8 +55,8 @@ class RayEngine:
     cluster this process is connected to, else a new local one). ``num_gpus``/``num_cpus``: resources
     of one task (``num_gpus=0.5`` puts two tasks on a GPU). ``max_retries``: extra attempts per task.
     ``init_kwargs``: passed to ``ray.init`` when this engine connects. ``threads``: torch threads in
-    each task (default: ``num_cpus`` rounded down, at least 1); a one-process run at the same thread
-    count gives bit-identical LoRAs."""
+    each task (default: ``num_cpus`` rounded down, at least 1); a one-process run gives bit-identical LoRAs
+    at one thread (within float32 rounding at more)."""
 
     shares_files = False
 

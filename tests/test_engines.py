@@ -1,6 +1,6 @@
 """Scale-out engines on the tiny host: a local pool of 2 worker processes gives the erasure of the
-one-process run, bit for bit at the same thread count and within ``_engine_case.THREADS_TOL`` when the
-threads are divided among the workers; a worker SIGKILLed mid-concept is retried with the same result,
+one-process run, bit for bit at one thread per task and within ``_engine_case.THREADS_TOL`` when the
+driver's threads are divided among the workers; a worker SIGKILLed mid-concept is retried with the same result,
 finished concepts are never trained again, and a task that fails every attempt is named."""
 
 from __future__ import annotations
@@ -9,7 +9,15 @@ import dataclasses
 
 import pytest
 import torch
-from _engine_case import CONCEPTS, SETTINGS, assert_same_erasure, driver_threads, erase, one_worker_erasure
+from _engine_case import (
+    CONCEPTS,
+    SETTINGS,
+    assert_same_erasure,
+    driver_threads,
+    erase,
+    one_worker_erasure,
+    torch_threads,
+)
 
 from mace_ops.concept_task import KILL_ONCE_ENV, DataSettings, HostRecipe
 from mace_ops.engines import make_job, plan_tasks
@@ -20,7 +28,8 @@ from mace_ops.train import TrainConfig
 
 @pytest.fixture(scope="module")
 def one_worker(tiny_host):
-    return one_worker_erasure(tiny_host)
+    """The one-process run at 1 thread: the reference of the bit-for-bit tests."""
+    return one_worker_erasure(tiny_host, threads=1)
 
 
 def test_tasks_are_the_batches_of_the_in_process_trainer():
@@ -46,9 +55,10 @@ def test_local_pool_threads_are_divided_among_the_workers_it_starts():
 def test_two_local_workers_give_the_one_worker_erasure_bit_for_bit(tiny_host, one_worker, tmp_path):
     steps = []
     assert SETTINGS.train.concepts_per_batch == 2  # two tasks: both workers train, one a batch of two
-    pool = LocalPool(HostRecipe("tiny", 0), workers=2, threads_per_worker=driver_threads())
-    got = erase(tiny_host, engine=pool, cache_dir=tmp_path,
-                progress=lambda stage, done, total, info: steps.append((stage, done, total)))
+    pool = LocalPool(HostRecipe("tiny", 0), workers=2, threads_per_worker=1)
+    with torch_threads(1):  # the driver's steps (refine, data, fusion) at the reference's thread count too
+        got = erase(tiny_host, engine=pool, cache_dir=tmp_path,
+                    progress=lambda stage, done, total, info: steps.append((stage, done, total)))
     assert_same_erasure(got, one_worker, exact=True)
     # the training as a whole went through one bar, to steps × concepts, fed by both workers' steps
     train = [(d, t) for s, d, t, in steps if s == "train"]
@@ -59,8 +69,9 @@ def test_two_local_workers_give_the_one_worker_erasure_bit_for_bit(tiny_host, on
 def test_killed_worker_is_retried_and_the_erasure_matches(tiny_host, one_worker, tmp_path, monkeypatch):
     marker = tmp_path / "killed"
     monkeypatch.setenv(KILL_ONCE_ENV, str(marker))
-    pool = LocalPool(HostRecipe("tiny", 0), workers=2, threads_per_worker=driver_threads())
-    got = erase(tiny_host, engine=pool, cache_dir=tmp_path / "cache")
+    pool = LocalPool(HostRecipe("tiny", 0), workers=2, threads_per_worker=1)
+    with torch_threads(1):
+        got = erase(tiny_host, engine=pool, cache_dir=tmp_path / "cache")
     pid, victim = marker.read_text().split(" ", 1)  # a worker did die by SIGKILL at a concept's 2nd step
     assert victim.strip() in {"Taylor Swift, airplane", "Van Gogh"}
     assert_same_erasure(got, one_worker, exact=True)
@@ -68,16 +79,18 @@ def test_killed_worker_is_retried_and_the_erasure_matches(tiny_host, one_worker,
     # Rerun: every concept is read back from its task file; a pool whose workers could not even build
     # the host proves that no task was submitted.
     monkeypatch.delenv(KILL_ONCE_ENV)
-    again = erase(tiny_host, engine=LocalPool(HostRecipe("checkpoint", str(tmp_path / "absent")), workers=2),
-                  cache_dir=tmp_path / "cache")
+    with torch_threads(1):  # the same refined W1 as the first run, so the same task keys
+        again = erase(tiny_host, engine=LocalPool(HostRecipe("checkpoint", str(tmp_path / "absent")), workers=2),
+                      cache_dir=tmp_path / "cache")
     for k, w in got.weights.items():
         assert torch.equal(again.weights[k], w)
 
 
-def test_workers_on_fewer_threads_match_within_the_stated_tolerance(tiny_host, one_worker, tmp_path):
-    # The CLI's default: the driver's threads divided among the workers (2 -> 1 each on 2 cores).
+def test_workers_on_fewer_threads_match_within_the_stated_tolerance(tiny_host, tmp_path):
+    # The CLI's default: the driver's threads divided among the workers (2 -> 1 each on 2 cores), against
+    # the one-process run at the driver's threads.
     got = erase(tiny_host, engine=LocalPool(HostRecipe("tiny", 0), workers=2), cache_dir=tmp_path)
-    assert_same_erasure(got, one_worker, exact=driver_threads() == 1)
+    assert_same_erasure(got, one_worker_erasure(tiny_host), exact=driver_threads() == 1)
 
 
 class Stop(Exception):
