@@ -263,7 +263,8 @@ NODES: tuple[NodeSpec, ...] = (
                       "Ridge λ·||W - W1||² keeping the weights near the refined ones."),
             In("pooled_channel", "BOOLEAN", "SDXL: also edit label_emb's pooled-text columns in closed form, so the "
                "concepts do not reach the UNet through bigG's pooled embedding (the preservation prompts are kept). "
-               "Off by default; ignored, with a console warning, on SD1.x / SD2.x models.", default=False),
+               "Off by default; ignored, with a console warning, on SD1.x / SD2.x models. Optional, so graphs saved "
+               "before it existed still run.", default=False, optional=True),
         ),
         outputs=(Out("MODEL", "erased_model", "The erased model (a patched clone; feed it to CheckpointSave for a "
                      "sanitized checkpoint)."),

@@ -34,6 +34,12 @@ def nodes(comfy_lib, tmp_path_factory):
 
 
 def _state(patcher):
+    """The module's weights as ``patcher`` itself gives them. It is loaded first: clones share one module, which
+    ComfyUI patches in place for whichever clone it loaded last (an earlier test's erased MODEL, say)."""
+    import comfy.model_management
+
+    with torch.inference_mode():
+        comfy.model_management.load_models_gpu([patcher])
     return {k: v.detach().clone() for k, v in patcher.model.state_dict().items()}
 
 
