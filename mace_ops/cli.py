@@ -226,7 +226,8 @@ def world_demo_settings(seed: int = 0) -> Any:
     from .train import TrainConfig
     from .world.evaluate import SAMPLE_CFG, SAMPLE_STEPS
 
-    # Training images are drawn with the world's own sampler (``world.evaluate``). CFR: retained weight 5 (0.5 let "red circle"'s erasure take "blue circle", 42 % -> 8 %).
+    # Training images are drawn with the world's own sampler (``world.evaluate``).
+    # CFR: retained weight 5 (0.5 let "red circle"'s erasure take "blue circle", 42 % -> 8 %).
     # Fusion (benchmarks/README.md, "Where the damage comes from"): E_i = the phrase's own tokens, weights
     # 500 / 5000 and a relative ridge 1e-2. With all 77 positions, weight 5 and ε 1e-6 the fused to_k/to_v
     # moved 21x their norm and every neighbour fell; a lone LoRA already hits the neighbours, so the

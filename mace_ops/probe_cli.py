@@ -151,8 +151,8 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, list, Any, list[str], An
         from .hosts.diffusers import DiffusersHost
 
         original = DiffusersHost.from_world(device=args.device)
-        notes.append("world model: the classifier judges; the shipped model draws its concepts 89–100 % of the time, so compare every "
-                     "rate with the original model's beside it")
+        notes.append("world model: the classifier judges; the shipped model draws its concepts 89–100 % of the "
+                     "time, so compare every rate with the original model's beside it")
     erasure, _ = load_erasure(args.erasure, original_weights=original.cross_attention_weights(),
                               expected_fingerprint=original.model_fingerprint())
     erased = original.with_weights(erasure.weights)
@@ -203,10 +203,10 @@ def cmd_probe(args: argparse.Namespace) -> int:
     check_new_folder(out)
     files = _named_files(args.prompts_csv, args.limit)
     world = not args.checkpoint
-    from .world.evaluate import SAMPLE_CFG
+    from .world.evaluate import SAMPLE_CFG, SAMPLE_STEPS  # the world model's sampler
 
     settings = ProbeSettings(
-        samples=args.samples, seed=args.seed, sample_steps=args.steps or (20 if world else 30),
+        samples=args.samples, seed=args.seed, sample_steps=args.steps or (SAMPLE_STEPS if world else 30),
         cfg=SAMPLE_CFG if world else 7.5, size=args.size or (64 if world else 512),
         attacks=tuple(a.strip() for a in args.attacks.split(",") if a.strip()),
         inversion_steps=args.inversion_steps, inversion_lr=args.inversion_lr, relearn_steps=args.relearn_steps,

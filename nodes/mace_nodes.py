@@ -237,10 +237,11 @@ def fuse_loras(refined_model, clip, lora_bank, preservation, preserve_weight, re
     fused = fuse_weights(host, refined, bv.bank, bv.concepts, pv.statistics.groups(wp, wr), lam,
                          original=original, progress=progress.pipeline, check_interrupt=check_interrupt)
     label = _pooled_label_emb(host, bv.concepts, pv, settings) if pooled_channel else None
+    made_with = {"preserve_weight": wp, "retained_weight": wr, "ridge": lam}
+    if pooled_channel:  # False when the model has no pooled channel (the edit was skipped with a warning)
+        made_with["pooled_channel"] = label is not None
     erasure = Erasure.build(fused, base_fingerprint=host.model_fingerprint(), concepts=bv.concepts,
-                            source="fuse_weights", settings={"preserve_weight": wp, "retained_weight": wr, "ridge": lam,
-                                                             **({"pooled_channel": label is not None}
-                                                                if pooled_channel else {})}, losses=bv.losses)
+                            source="fuse_weights", settings=made_with, losses=bv.losses)
     if label is not None:
         erasure.label_emb_diff = (label.float() - host.original_label_emb_weight()).cpu()
     erased = host.with_weights(erasure.weights, label_emb=label)
@@ -310,7 +311,7 @@ def apply_erasure(model, erasure, strength):
 
     ev = _need(erasure, ErasureValue, "erasure", "Fuse LoRAs or Load Erasure")
     host = ComfyHost(model)
-    label = getattr(ev.erasure, "label_emb_diff", None)
+    label = ev.erasure.label_emb_diff
     if label is not None:  # refused first: an SD1.x / SD2.x model has no pooled channel at all
         label = apply_label_emb_diff(host.original_label_emb_weight(), label, float(strength),
                                      model=f"this {host.family.name} model")
@@ -394,7 +395,7 @@ def erasure_preview(original_model, erased_model, clip, vae, erasure, preserved_
 def _pooled_channel_text(ev: Any, before: Any, after: Any) -> str:
     """The preview's paragraph on SDXL's pooled channel when the erasure edits it: the share of the erasure's
     ``label_emb`` difference D that erased_model carries, ``<L1 - L0, D> / <D, D>`` (1: all of it, 0: none)."""
-    label = getattr(ev.erasure, "label_emb_diff", None)
+    label = ev.erasure.label_emb_diff
     if label is None:
         return ""
     w0, w1 = before.label_emb_weight(), after.label_emb_weight()
